@@ -1,0 +1,1 @@
+"""Generated stubs for glmserve.v1 (`make proto`)."""
