@@ -1,0 +1,63 @@
+"""One place that turns unexpected exceptions into INTERNAL (with a logged traceback)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class ExceptionInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler: a bug in one request becomes INTERNAL for that request only.
+
+    ``context.abort`` raises an exception that grpc itself handles; those pass through.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):  # noqa: ANN001
+                try:
+                    return await inner_uu(request, context)
+                except Exception as exc:  # noqa: BLE001
+                    await _internal(method, context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context):  # noqa: ANN001
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except Exception as exc:  # noqa: BLE001
+                    await _internal(method, context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+async def _internal(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if context.code() not in (None, grpc.StatusCode.OK) or _is_abort(exc):
+        raise exc
+    log.exception("unhandled error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _is_abort(exc: Exception) -> bool:
+    # grpc.aio raises AbortError from context.abort(); it must reach grpc untouched.
+    return isinstance(exc, grpc.aio.AbortError)

@@ -1,0 +1,84 @@
+"""ChatGLM2's tokenizer, rebuilt on the ``sentencepiece`` package (no remote code).
+
+The checkpoint's ``tokenizer.model`` is a plain SentencePiece BPE model with byte fallback;
+ChatGLM2 appends five special tokens after its vocabulary. Plain text is always encoded with
+SentencePiece alone, so special-token *names* typed by a user stay ordinary text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from model_server.models.base import ModelLoadError
+
+# Appended after the SentencePiece vocabulary, in this order (ids n .. n+4).
+SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+
+
+class ChatGLM2Tokenizer:
+    """Ids ↔ text for ChatGLM2. Implements ``base.Tokenizer``."""
+
+    unk_token_id = 0
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __init__(self, model_file: str | Path) -> None:
+        model_file = Path(model_file)
+        if not model_file.is_file():
+            raise ModelLoadError(f"{model_file}: tokenizer.model is missing")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as exc:
+            raise ModelLoadError(
+                f"{model_file}: not a SentencePiece model ({exc}); only ChatGLM2's "
+                "SentencePiece tokenizer is supported"
+            ) from exc
+        self.sp_vocab_size: int = self._sp.get_piece_size()
+        n = self.sp_vocab_size
+        self.special_tokens: dict[str, int] = {t: n + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.mask_token_id = n
+        self.gmask_token_id = n + 1
+        self.smask_token_id = n + 2
+        self.sop_token_id = n + 3
+        self.eop_token_id = n + 4
+        # Dropped by decode: the appended specials, unk/pad, bos and eos.
+        self._skip = frozenset(
+            {*self.special_tokens.values(), self.pad_token_id, self.bos_token_id, self.eos_token_id}
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """SentencePiece pieces plus the five appended specials (not the padded model rows)."""
+        return self.sp_vocab_size + len(SPECIAL_TOKENS)
+
+    @property
+    def prompt_prefix(self) -> list[int]:
+        """What ChatGLM2 puts in front of every prompt: ``[gMASK], sop``."""
+        return [self.gmask_token_id, self.sop_token_id]
+
+    def encode(self, text: str) -> list[int]:
+        """Plain SentencePiece ids: no prefix, no bos/eos, special names stay text."""
+        return list(self._sp.encode(text, out_type=int))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """SentencePiece decode of the non-special ids.
+
+        Ids past the tokenizer's vocabulary (the model's padding rows) are dropped too, so a
+        stray sample can never crash decoding. A partial UTF-8 sequence at the end decodes to
+        one U+FFFD per byte (SentencePiece's own behaviour), which the engine's incremental
+        detokenizer relies on to hold text back.
+        """
+        n = self.sp_vocab_size
+        kept = [int(i) for i in ids if 0 <= int(i) < n and int(i) not in self._skip]
+        return self._sp.decode(kept) if kept else ""
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The piece string of one id (specials by name), for debugging and tests."""
+        if token_id >= self.sp_vocab_size:
+            k = token_id - self.sp_vocab_size
+            return SPECIAL_TOKENS[k] if k < len(SPECIAL_TOKENS) else f"<padding:{token_id}>"
+        return self._sp.id_to_piece(token_id)

@@ -1,0 +1,152 @@
+"""Stream a ChatGLM2 checkpoint, shard by shard, into a ``GlmForCausalLM`` built on ``meta``.
+
+Each tensor is copied once, straight into the target dtype and device, and the shard's
+memory map is released before the next shard is opened. Peak host RAM is therefore the
+model (when it lives on the CPU) plus at most one shard's pages, never two full copies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model_server.models.base import ModelLoadError
+from model_server.models.chatglm2.config import ChatGLM2Config
+
+_LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
+_IGNORED = {"transformer.rotary_pos_emb.inv_freq"}
+_TOP_LEVEL = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+_IN_LAYER = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+
+
+def checkpoint_shards(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in index order (safetensors preferred)."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelLoadError(f"{index}: unreadable index ({exc})") from exc
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise ModelLoadError(
+                    f"{path}: shards listed in {index_name} are missing: {missing}"
+                )
+            return [path / f for f in files]
+        if (path / single).is_file():
+            return [path / single]
+    raise ModelLoadError(
+        f"{path}: no weights found (expected pytorch_model.bin.index.json + shards, "
+        "pytorch_model.bin, model.safetensors.index.json + shards, or model.safetensors)"
+    )
+
+
+def iter_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one shard, memory-mapped so nothing is read before it is used."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                yield name, f.get_tensor(name)
+        return
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:
+        # Legacy (pre-zip) pickles cannot be memory-mapped; they load whole, one shard at a time.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        raise ModelLoadError(f"{file}: cannot read weights ({exc})") from exc
+    # Popping drops each tensor (and, with the last one, the shard's memory map) as soon as
+    # the caller has copied it.
+    while state:
+        name = next(iter(state))
+        yield name, state.pop(name)
+
+
+def convert(name: str, tensor: torch.Tensor, cfg: ChatGLM2Config) -> list[tuple[str, torch.Tensor]]:
+    """One ChatGLM2 tensor → its ``GlmForCausalLM`` tensor(s); [] for tensors to ignore."""
+    if name in _IGNORED:
+        return []
+    if name in _TOP_LEVEL:
+        return [(_TOP_LEVEL[name], tensor)]
+    m = _LAYER.match(name)
+    if m is None:
+        raise ModelLoadError(f"unexpected tensor {name!r} in a ChatGLM2 checkpoint")
+    i, rest = int(m.group(1)), m.group(2)
+    if i >= cfg.num_layers:
+        raise ModelLoadError(f"tensor {name!r} is past num_layers={cfg.num_layers}")
+    prefix = f"model.layers.{i}."
+    if rest in _IN_LAYER:
+        return [(prefix + _IN_LAYER[rest], tensor)]
+    if rest in ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        sizes = cfg.qkv_sizes
+        if tensor.shape[0] != sum(sizes):
+            raise ModelLoadError(
+                f"{name}: {tensor.shape[0]} rows, expected {sum(sizes)} = q {sizes[0]} + "
+                f"k {sizes[1]} + v {sizes[2]}"
+            )
+        q, k, v = torch.split(tensor, sizes, dim=0)
+        return [
+            (f"{prefix}self_attn.q_proj.{kind}", q),
+            (f"{prefix}self_attn.k_proj.{kind}", k),
+            (f"{prefix}self_attn.v_proj.{kind}", v),
+        ]
+    raise ModelLoadError(f"unexpected tensor {name!r} in a ChatGLM2 checkpoint")
+
+
+def load_weights(
+    model: nn.Module,
+    shards: list[Path],
+    cfg: ChatGLM2Config,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Replace every meta parameter of ``model`` with the checkpoint's tensor, copied once."""
+    expected = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for shard in shards:
+        for name, tensor in iter_shard(shard):
+            for new_name, value in convert(name, tensor, cfg):
+                target = expected.get(new_name)
+                if target is None:
+                    raise ModelLoadError(f"{shard.name}: {name} maps to unknown {new_name!r}")
+                if tuple(value.shape) != tuple(target.shape):
+                    raise ModelLoadError(
+                        f"{shard.name}: {name} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(target.shape)} for {new_name}"
+                    )
+                if new_name in loaded:
+                    raise ModelLoadError(f"{shard.name}: {name} appears twice")
+                # copy=True: never alias the shard's memory map (it is released below).
+                data = value.to(device=device, dtype=dtype, copy=True)
+                module_name, _, leaf = new_name.rpartition(".")
+                module = model.get_submodule(module_name)
+                module._parameters[leaf] = nn.Parameter(data, requires_grad=False)
+                loaded.add(new_name)
+            del tensor
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s): {shown}")

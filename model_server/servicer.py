@@ -1,0 +1,142 @@
+"""glmserve.v1.ChatService: validates what only the model knows, then streams engine output."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from glmserve.v1 import chat_pb2, chat_pb2_grpc
+
+from .engine.engine import Engine, QueueFullError, RequestTooLargeError
+from .engine.types import FinishReason, GenerationRequest
+from .metrics import ServerMetrics
+from .models.base import ConversationError, LoadedModel
+from .validation import Defaults, InvalidArgument, messages_of, sampling_params
+
+log = logging.getLogger("glmserve.requests")
+
+_FINISH = {
+    FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
+}
+
+
+class ServingState:
+    """What the servicer serves; filled in once the model is loaded."""
+
+    def __init__(self, served_model_name: str | None) -> None:
+        self.served_model_name = served_model_name
+        self.loaded: LoadedModel | None = None
+        self.engine: Engine | None = None
+        self.created = int(time.time())
+        self.draining = False
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or ""
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, state: ServingState, metrics: ServerMetrics) -> None:
+        self._state = state
+        self._metrics = metrics
+        self._ids = 0
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> tuple[LoadedModel, Engine]:
+        st = self._state
+        if st.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if st.loaded is None or st.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+        return st.loaded, st.engine
+
+    async def _check_model(self, name: str, context: grpc.aio.ServicerContext) -> None:
+        if name and name != self._state.model_id:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {name!r} is not served here (this server serves {self._state.model_id!r})",
+            )
+
+    async def _prompt(self, loaded: LoadedModel, messages, context) -> list[int]:  # noqa: ANN001
+        try:
+            msgs = messages_of(messages)
+            # Tokenizing a long conversation takes milliseconds: keep it off the event loop.
+            return await asyncio.to_thread(loaded.chat_format.render, msgs)
+        except (InvalidArgument, ConversationError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
+
+    async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext):
+        loaded, engine = await self._ready(context)
+        await self._check_model(request.model, context)
+        prompt = await self._prompt(loaded, request.messages, context)
+        try:
+            params = sampling_params(request, len(prompt), loaded.max_model_len,
+                                     Defaults(loaded.default_temperature, loaded.default_top_p))
+            stream = engine.submit(GenerationRequest(request.request_id or self._new_id(),
+                                                     prompt, params))
+        except (InvalidArgument, RequestTooLargeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            async for out in stream:
+                if out.finish_reason is FinishReason.ABORTED:
+                    self._log(stream.request_id, out, "aborted")
+                    if out.error is not None:
+                        await context.abort(grpc.StatusCode.INTERNAL,
+                                            f"generation failed: {out.error}")
+                    return
+                msg = chat_pb2.ChatResponse(text=out.text, token_ids=out.token_ids)
+                if out.finish_reason is not None:
+                    msg.finish_reason = _FINISH[out.finish_reason]
+                    msg.usage.prompt_tokens = out.usage.prompt_tokens
+                    msg.usage.completion_tokens = out.usage.completion_tokens
+                    self._log(stream.request_id, out, out.finish_reason.value)
+                yield msg
+        finally:
+            # Cancelled, deadline passed, or the client went away: free the slot at once.
+            stream.abort()
+
+    def _log(self, request_id: str, out, reason: str) -> None:  # noqa: ANN001
+        usage = out.usage
+        self._metrics.request_finished(reason, usage.prompt_tokens, usage.completion_tokens,
+                                       out.time_to_first_token, out.duration)
+        log.info(
+            "request done",
+            extra={"fields": {
+                "request_id": request_id, "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "ttft_ms": None if out.time_to_first_token is None
+                else round(out.time_to_first_token * 1e3, 1),
+                "duration_ms": round((out.duration or 0) * 1e3, 1), "finish_reason": reason,
+            }},
+        )
+
+    def _new_id(self) -> str:
+        self._ids += 1
+        return f"req-{self._state.created:x}-{self._ids}"
+
+    async def ListModels(self, request: chat_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> chat_pb2.ListModelsResponse:
+        loaded, _ = await self._ready(context)
+        st = self._state
+        info = chat_pb2.ModelInfo(
+            id=st.model_id, max_model_len=loaded.max_model_len,
+            architecture=loaded.architecture, source=loaded.source,
+            dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device),
+            created=st.created, vocab_size=loaded.tokenizer.vocab_size,
+            default_temperature=loaded.default_temperature, default_top_p=loaded.default_top_p,
+        )
+        return chat_pb2.ListModelsResponse(models=[info])
+
+    async def Tokenize(self, request: chat_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> chat_pb2.TokenizeResponse:
+        loaded, _ = await self._ready(context)
+        await self._check_model(request.model, context)
+        prompt = await self._prompt(loaded, request.messages, context)
+        return chat_pb2.TokenizeResponse(token_ids=prompt, count=len(prompt),
+                                         max_model_len=loaded.max_model_len)

@@ -1,0 +1,111 @@
+"""ChatRequest → engine inputs. Every problem is an InvalidArgument naming the field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from glmserve.v1 import chat_pb2
+
+from .engine.types import SamplingParams
+from .models.base import ChatMessage
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256
+MAX_REQUEST_ID = 128
+
+_ROLES = {
+    chat_pb2.ROLE_SYSTEM: "system",
+    chat_pb2.ROLE_USER: "user",
+    chat_pb2.ROLE_ASSISTANT: "assistant",
+}
+
+
+class InvalidArgument(ValueError):
+    """A bad request field (→ INVALID_ARGUMENT). ``field`` is the proto field path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Defaults:
+    temperature: float
+    top_p: float
+
+
+def messages_of(messages) -> list[ChatMessage]:  # noqa: ANN001 - repeated chat_pb2.Message
+    if not messages:
+        raise InvalidArgument("messages", "at least one message is required")
+    out = []
+    for i, m in enumerate(messages):
+        role = _ROLES.get(m.role)
+        if role is None:
+            raise InvalidArgument(
+                f"messages[{i}].role",
+                "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"
+                + (" (got ROLE_UNSPECIFIED)" if m.role == 0 else f" (got {m.role})"),
+            )
+        out.append(ChatMessage(role, m.content))
+    return out
+
+
+def _check_range(field: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise InvalidArgument(field, f"must be in {left}{lo:g}, {hi:g}] (got {value:g})")
+
+
+def sampling_params(req: chat_pb2.ChatRequest, prompt_tokens: int, max_model_len: int,
+                    defaults: Defaults) -> SamplingParams:
+    """Checks the sampling fields against the prompt length and the model's context."""
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise InvalidArgument(
+            "messages",
+            f"the prompt is {prompt_tokens} tokens, but the model's context is {max_model_len} "
+            "tokens (and at least 1 must be left for the reply)",
+        )
+    if req.HasField("max_tokens"):
+        max_tokens = req.max_tokens
+        if max_tokens < 1:
+            raise InvalidArgument("max_tokens", "must be at least 1")
+        if max_tokens > room:
+            raise InvalidArgument(
+                "max_tokens",
+                f"{max_tokens} + the prompt's {prompt_tokens} tokens exceeds the model's context "
+                f"of {max_model_len} tokens (at most {room} allowed)",
+            )
+    else:
+        max_tokens = room
+    temperature = req.temperature if req.HasField("temperature") else defaults.temperature
+    _check_range("temperature", temperature, 0.0, 2.0)
+    top_p = req.top_p if req.HasField("top_p") else defaults.top_p
+    _check_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    repetition_penalty = req.repetition_penalty if req.HasField("repetition_penalty") else 1.0
+    _check_range("repetition_penalty", repetition_penalty, 0.0, 2.0, lo_open=True)
+    _check_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
+    _check_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    if req.min_tokens > max_tokens:
+        raise InvalidArgument("min_tokens", f"{req.min_tokens} exceeds max_tokens ({max_tokens})")
+    if len(req.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} stop strings (got {len(req.stop)})")
+    for i, s in enumerate(req.stop):
+        if not s or len(s.encode()) > MAX_STOP_BYTES:
+            raise InvalidArgument(f"stop[{i}]", f"must be 1 to {MAX_STOP_BYTES} bytes")
+    if len(req.request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID} characters")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=req.top_k if req.HasField("top_k") else 0,
+        repetition_penalty=float(repetition_penalty),
+        presence_penalty=float(req.presence_penalty),
+        frequency_penalty=float(req.frequency_penalty),
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        seed=req.seed if req.HasField("seed") else None,
+        stop=tuple(req.stop),
+    )
