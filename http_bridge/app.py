@@ -1,0 +1,131 @@
+"""The app factory: routes, middleware, error handlers, static page, backend lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from http_bridge.backend import Backend
+from http_bridge.errors import APIError, http_error, validation_error
+from http_bridge.metrics import BridgeMetrics, MetricsMiddleware
+from http_bridge.middleware import ApiKeyMiddleware, ContentLengthGuard, too_large
+from http_bridge.routes import chat, health, metrics, models
+from http_bridge.settings import Settings
+
+log = logging.getLogger("http_bridge")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) -> FastAPI:
+    """Build the bridge. The backend channel opens in the lifespan, so no backend is needed
+    to start, and the app answers 503 until one is SERVING."""
+    settings = settings or Settings()
+    backend = Backend(settings)  # validates --backend targets now, not at first request
+    bridge_metrics = BridgeMetrics(backend.available)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(
+        title="glmserve HTTP bridge",
+        summary="OpenAI-compatible chat completions over glmserve's gRPC model servers.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.metrics = bridge_metrics
+
+    # FastAPI's own limit catches bodies without a Content-Length; the guard below the rest.
+    app.include_router(chat.router, max_body_size=settings.max_request_bytes)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    if settings.ui:
+        _add_ui(app, static_dir)
+
+    _add_error_handlers(app, settings)
+
+    # add_middleware wraps: the last added runs first. Order on the way in:
+    # metrics → CORS (answers preflights, decorates errors) → API key → body size.
+    app.add_middleware(ContentLengthGuard, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id"],
+            max_age=600,
+        )
+    flat_routes = [r for m in (chat, models, health, metrics) for r in m.router.routes]
+    flat_routes += [r for r in app.router.routes if hasattr(r, "path_regex")]
+    app.add_middleware(MetricsMiddleware, metrics=bridge_metrics, routes=flat_routes)
+    return app
+
+
+def _add_ui(app: FastAPI, static_dir: Path) -> None:
+    """``GET /`` is the chat page; ``/static/*`` its assets (absent files are 404s)."""
+    index = static_dir / "index.html"
+
+    @app.get("/", include_in_schema=False)
+    async def index_page() -> Response:
+        if not index.is_file():
+            raise APIError(404, "The chat page is not installed.", code="not_found")
+        return FileResponse(index, headers={"cache-control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=static_dir, check_dir=False), name="static")
+
+
+def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
+    """Every error, whoever raises it, leaves as the OpenAI envelope."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.to_response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc.errors()).to_response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            error = too_large(settings.max_request_bytes)
+        elif exc.status_code == 404:
+            error = http_error(404, f"Invalid URL ({request.method} {request.url.path})")
+        elif exc.status_code == 405:
+            error = http_error(405, f"Method {request.method} is not allowed on {request.url.path}")
+        else:
+            error = http_error(exc.status_code, str(exc.detail))
+        response = error.to_response()
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(
+            500,
+            "Internal error in the HTTP bridge.",
+            type="server_error",
+            code="internal_error",
+            retry_safe=False,
+        ).to_response()

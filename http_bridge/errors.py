@@ -1,0 +1,223 @@
+"""Every error the bridge returns is built here: the OpenAI envelope and THE gRPC→HTTP table.
+
+Routes raise :class:`APIError`; the app's exception handlers (validation errors, unknown routes,
+oversize bodies, unexpected exceptions) and the SSE error chunk all end in :func:`error_body`,
+so clients see one shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import grpc
+from fastapi.responses import JSONResponse
+
+
+class GrpcMapping(NamedTuple):
+    """How one gRPC status looks to an HTTP client."""
+
+    http_status: int
+    type: str
+    code: str | None
+
+
+# THE table (docs/bridge.md and the README repeat it; keep them in sync).
+GRPC_TO_HTTP: dict[grpc.StatusCode, GrpcMapping] = {
+    grpc.StatusCode.INVALID_ARGUMENT: GrpcMapping(400, "invalid_request_error", "invalid_value"),
+    grpc.StatusCode.NOT_FOUND: GrpcMapping(404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: GrpcMapping(429, "rate_limit_error", "rate_limit_exceeded"),
+    grpc.StatusCode.UNAVAILABLE: GrpcMapping(503, "server_error", "backend_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: GrpcMapping(504, "timeout_error", "timeout"),
+    grpc.StatusCode.INTERNAL: GrpcMapping(500, "server_error", "internal_error"),
+}
+# Any status not in the table (UNKNOWN, UNIMPLEMENTED, ...) is the bridge's or backend's fault.
+GRPC_FALLBACK = GrpcMapping(500, "server_error", "internal_error")
+
+# Statuses that mean "nothing was generated": the queue was full or no backend took the call.
+# A client may retry these; anything else may have run the generation already.
+_RETRY_SAFE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+
+# Request fields a backend INVALID_ARGUMENT message may start with ("max_tokens: ...").
+_KNOWN_PARAMS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "seed",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "min_tokens",
+        "ignore_eos",
+        "n",
+    }
+)
+_PARAM_PREFIX = re.compile(r"^\s*([a-z_]+)((?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*)\s*:")
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """The OpenAI error envelope (``Error`` in the spec), the only error shape we emit."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error with its HTTP status, raised anywhere and rendered by one handler.
+
+    ``retry_safe``: True when no generation can have run (the SDK may retry), False when a retry
+    could run it a second time (we send ``x-should-retry: false``), None to leave it to the
+    client's defaults (4xx the SDK does not retry anyway).
+    """
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_safe: bool | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.retry_safe = retry_safe
+        self.extra_headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        headers = dict(self.extra_headers)
+        if self.retry_safe is not None:
+            headers["x-should-retry"] = "true" if self.retry_safe else "false"
+        return headers
+
+    def to_response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers())
+
+
+def param_from_grpc_message(message: str) -> str | None:
+    """The request field a backend INVALID_ARGUMENT names, if it leads with ``field:``."""
+    match = _PARAM_PREFIX.match(message)
+    if match and match.group(1) in _KNOWN_PARAMS:
+        return match.group(1) + match.group(2)
+    return None
+
+
+def from_grpc(err: grpc.RpcError, *, generation_started: bool) -> APIError:
+    """Map a failed RPC through THE table.
+
+    ``generation_started``: the backend already sent a response for this request, so a retry
+    could generate twice even if the status alone (UNAVAILABLE) would say otherwise.
+    """
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or ""
+    mapping = GRPC_TO_HTTP.get(code, GRPC_FALLBACK)
+    param = None
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        param = param_from_grpc_message(details)
+        message = details or "invalid request"
+    elif code == grpc.StatusCode.NOT_FOUND:
+        param = "model"
+        message = details or "model not found"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        message = f"The server is at capacity; retry later. ({details})"
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        message = f"No model server is available right now. ({details})"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        message = "The request took longer than the bridge's --request-timeout."
+    else:
+        message = f"Model server error ({code.name}): {details}"
+    retry_safe: bool | None
+    if mapping.http_status < 500 and mapping.http_status != 429:
+        retry_safe = None
+    else:
+        retry_safe = code in _RETRY_SAFE and not generation_started
+    return APIError(
+        mapping.http_status,
+        message,
+        type=mapping.type,
+        param=param,
+        code=mapping.code,
+        retry_safe=retry_safe,
+    )
+
+
+def loc_to_param(loc: Sequence[str | int]) -> str | None:
+    """Pydantic location ``("body", "messages", 0, "content")`` → ``messages[0].content``."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
+    """FastAPI/pydantic validation errors → one 400 naming the first bad field."""
+    if not errors:
+        return APIError(400, "Invalid request body.")
+    first = errors[0]
+    kind = first.get("type", "")
+    loc = tuple(first.get("loc", ()))
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return APIError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
+    if loc in (("body",), ()) and kind == "missing":
+        return APIError(400, "The request body is required (a JSON object).", code="missing_body")
+    param = loc_to_param(loc)
+    if kind == "extra_forbidden":
+        return APIError(
+            400,
+            f"Unrecognized request argument supplied: {param}",
+            param=param,
+            code="unknown_parameter",
+        )
+    if kind == "unsupported_parameter":
+        return APIError(400, str(first.get("msg")), param=param, code="unsupported_parameter")
+    if kind == "missing":
+        return APIError(
+            400, f"Missing required parameter: '{param}'.", param=param, code="missing_required"
+        )
+    msg = str(first.get("msg", "invalid value"))
+    if loc in (("body",), ()):
+        return APIError(400, f"Invalid request body: {msg}", code="invalid_value")
+    return APIError(400, f"Invalid value for '{param}': {msg}", param=param, code="invalid_value")
+
+
+# Statuses the HTTP layer itself produces (unknown route, wrong method, oversize body...).
+HTTP_ERROR_TYPES: dict[int, tuple[str, str | None]] = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+}
+
+
+def http_error(status_code: int, message: str) -> APIError:
+    """An error for a plain HTTP status (used by the Starlette HTTPException handler)."""
+    type_, code = HTTP_ERROR_TYPES.get(
+        status_code, ("server_error" if status_code >= 500 else "invalid_request_error", None)
+    )
+    return APIError(status_code, message, type=type_, code=code)

@@ -1,0 +1,436 @@
+"""POST /v1/chat/completions: OpenAI request → n parallel Chat RPCs → JSON or SSE.
+
+Errors that happen before the first token (bad field, unknown model, queue full, no backend,
+deadline) are real HTTP statuses: for a stream the route waits for every choice's first message
+before it sends the 200 headers. After that, a failure becomes an SSE error chunk followed by
+``data: [DONE]``. The client going away cancels the RPCs (and so the generation on the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.types import Receive, Scope, Send
+
+from glmserve.v1 import chat_pb2
+from http_bridge.backend import Backend
+from http_bridge.errors import APIError, error_body, from_grpc
+from http_bridge.metrics import START_KEY, BridgeMetrics
+from http_bridge.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorResponse,
+    ResponseMessage,
+    Usage,
+)
+
+log = logging.getLogger("http_bridge.chat")
+router = APIRouter(tags=["chat"])
+
+T = TypeVar("T")
+
+_ROLES = {
+    "system": chat_pb2.ROLE_SYSTEM,
+    "developer": chat_pb2.ROLE_SYSTEM,
+    "user": chat_pb2.ROLE_USER,
+    "assistant": chat_pb2.ROLE_ASSISTANT,
+}
+_FINISH = {chat_pb2.FINISH_REASON_STOP: "stop", chat_pb2.FINISH_REASON_LENGTH: "length"}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,100}$")
+_DONE = format_sse_event(data_str="[DONE]")
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "A field is invalid or not implemented (param names it)",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Body larger than --max-request-bytes",
+        429: "The model server's queue is full",
+        503: "No model server is available",
+        504: "--request-timeout passed",
+    }.items()
+}
+
+
+class ClientGone(APIError):
+    """The HTTP client disconnected; nobody will read this (499, as nginx logs it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client closed request", code="client_closed_request")
+
+
+def request_id_for(request: Request, completion_id: str) -> str:
+    """The caller's ``x-request-id`` when it is sane, else the completion id."""
+    incoming = request.headers.get("x-request-id", "")
+    return incoming if _REQUEST_ID.match(incoming) else completion_id
+
+
+def grpc_requests(body: ChatCompletionRequest, request_id: str) -> list[chat_pb2.ChatRequest]:
+    """One ChatRequest per choice; choice i samples with seed + i so choices differ."""
+    messages = [_message(m) for m in body.messages]
+    requests = []
+    for i in range(body.choices):
+        req = chat_pb2.ChatRequest(
+            model=body.model,
+            messages=messages,
+            stop=body.stop_list,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            min_tokens=body.min_tokens or 0,
+            ignore_eos=bool(body.ignore_eos),
+            request_id=request_id if body.choices == 1 else f"{request_id}-{i}",
+        )
+        if body.token_limit is not None:
+            req.max_tokens = body.token_limit
+        if body.temperature is not None:
+            req.temperature = body.temperature
+        if body.top_p is not None:
+            req.top_p = body.top_p
+        if body.top_k is not None and body.top_k > 0:  # vLLM's -1 and 0 both mean "no limit"
+            req.top_k = body.top_k
+        if body.repetition_penalty is not None:
+            req.repetition_penalty = body.repetition_penalty
+        if body.seed is not None:
+            req.seed = (body.seed + i) % 2**64  # the proto's uint64; negative seeds wrap
+        requests.append(req)
+    return requests
+
+
+def _message(m: ChatMessage) -> chat_pb2.Message:
+    return chat_pb2.Message(role=_ROLES[m.role], content=m.text)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it (→ cancel RPCs)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+@dataclass
+class ChoiceCalls:
+    """The n Chat calls of one completion, with what a caller must know about them."""
+
+    calls: list[grpc.aio.UnaryStreamCall]
+    metrics: BridgeMetrics
+    arrived: float
+    stream: bool
+    used_max_completion_tokens: bool = False
+    started: bool = False  # some backend answered: a retry could generate twice
+    first_text_at: float | None = None
+    finished: list[bool] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        for call in self.calls:
+            call.cancel()
+
+    async def read(self, i: int) -> chat_pb2.ChatResponse | None:
+        """The next message of choice ``i``; None at the end of its stream."""
+        msg = await self.calls[i].read()
+        if msg is grpc.aio.EOF:
+            return None
+        self.started = True
+        if msg.text and self.first_text_at is None:
+            self.first_text_at = time.perf_counter()
+            self.metrics.ttft.labels("true" if self.stream else "false").observe(
+                self.first_text_at - self.arrived
+            )
+        return msg
+
+    def error(self, err: BaseException) -> APIError:
+        """Any failure of a call → APIError via THE table (or a 500 for our own bugs)."""
+        if isinstance(err, APIError):
+            return err
+        if isinstance(err, grpc.aio.AioRpcError):
+            self.metrics.backend_rpc_errors.labels(err.code().name).inc()
+            api_error = from_grpc(err, generation_started=self.started)
+            if self.used_max_completion_tokens and api_error.param == "max_tokens":
+                api_error.param = "max_completion_tokens"
+            return api_error
+        log.exception("unexpected error in a chat stream", exc_info=err)
+        return APIError(
+            500,
+            f"internal error in the HTTP bridge: {type(err).__name__}",
+            type="server_error",
+            code="internal_error",
+            retry_safe=False,
+        )
+
+    async def all_first(self) -> list[chat_pb2.ChatResponse]:
+        """Every choice's first message, concurrently; any failure cancels them all."""
+
+        async def first(i: int) -> chat_pb2.ChatResponse:
+            msg = await self.read(i)
+            if msg is None:
+                raise APIError(
+                    502,
+                    "the model server ended the stream without a reply",
+                    type="server_error",
+                    code="bad_backend_response",
+                    retry_safe=False,
+                )
+            return msg
+
+        return await _all_or_cancel([first(i) for i in range(len(self.calls))])
+
+    async def collect(self, i: int) -> tuple[str, chat_pb2.ChatResponse]:
+        """Read choice ``i`` to the end: (all text, the final message)."""
+        parts: list[str] = []
+        last: chat_pb2.ChatResponse | None = None
+        while (msg := await self.read(i)) is not None:
+            parts.append(msg.text)
+            last = msg
+        if last is None or last.finish_reason not in _FINISH:
+            raise APIError(
+                502,
+                "the model server ended the stream without a finish reason",
+                type="server_error",
+                code="bad_backend_response",
+                retry_safe=False,
+            )
+        return "".join(parts), last
+
+
+async def _all_or_cancel(aws: list[Awaitable[T]]) -> list[T]:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={
+        200: {
+            "description": "A ChatCompletion, or with stream=true an SSE stream of chunks",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        **_ERROR_RESPONSES,
+    },
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+    """Create a chat completion (OpenAI CreateChatCompletionRequest)."""
+    backend: Backend = request.app.state.backend
+    metrics: BridgeMetrics = request.app.state.metrics
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    request_id = request_id_for(request, completion_id)
+    model = await backend.served_model_id(body.model)
+    calls = ChoiceCalls(
+        [backend.chat(r, r.request_id) for r in grpc_requests(body, request_id)],
+        metrics,
+        arrived=request.scope.get(START_KEY, time.perf_counter()),
+        stream=bool(body.stream),
+        used_max_completion_tokens=body.max_completion_tokens is not None,
+    )
+    headers = {"x-request-id": request_id}
+    try:
+        if body.stream:
+            firsts = await until_disconnect(request, calls.all_first())
+        else:
+            results = await until_disconnect(
+                request, _all_or_cancel([calls.collect(i) for i in range(len(calls.calls))])
+            )
+    except BaseException as err:
+        calls.cancel()
+        if isinstance(err, Exception):
+            raise calls.error(err) from err
+        raise
+
+    if body.stream:
+        stream = ChatStream(
+            calls=calls,
+            firsts=firsts,
+            metrics=metrics,
+            completion_id=completion_id,
+            created=created,
+            model=model,
+            include_usage=body.include_usage,
+            request_id=request_id,
+        )
+        return SSEResponse(stream.events(), headers=headers)
+
+    choices = []
+    prompt_tokens = completion_tokens = 0
+    for i, (text, last) in enumerate(results):
+        choices.append(
+            Choice(
+                index=i,
+                message=ResponseMessage(content=text),
+                finish_reason=_FINISH[last.finish_reason],
+            )
+        )
+        prompt_tokens = prompt_tokens or last.usage.prompt_tokens  # the prompt is shared
+        completion_tokens += last.usage.completion_tokens
+    completion = ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )
+    return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
+
+class SSEResponse(EventSourceResponse):
+    """FastAPI's SSE response, plus a guaranteed close of the event generator.
+
+    Starlette cancels the response when the client disconnects; closing the generator here runs
+    its ``finally`` (cancel the RPCs) even if the cancel landed outside the generator's frame.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        super().__init__(
+            content, headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        )
+        self._events = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+@dataclass
+class ChatStream:
+    """Turns n Chat streams into OpenAI chunks, in the order the spec gives."""
+
+    calls: ChoiceCalls
+    firsts: list[chat_pb2.ChatResponse]
+    metrics: BridgeMetrics
+    completion_id: str
+    created: int
+    model: str
+    include_usage: bool
+    request_id: str
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        chunk = ChatCompletionChunk(
+            id=self.completion_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+        )
+        data = chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
+        return format_sse_event(data_str=data)
+
+    async def _pump(self, i: int, queue: asyncio.Queue) -> None:
+        """Forward choice i's messages (already-read first one included) to the merge queue."""
+        msg: chat_pb2.ChatResponse | None = self.firsts[i]
+        try:
+            while msg is not None:
+                queue.put_nowait((i, msg))
+                msg = await self.calls.read(i)
+            queue.put_nowait((i, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - handed to the consumer, which reports it
+            queue.put_nowait((i, err))
+
+    async def events(self) -> AsyncIterator[bytes]:
+        n = len(self.calls.calls)
+        queue: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.ensure_future(self._pump(i, queue)) for i in range(n)]
+        self.metrics.streams_in_flight.inc()
+        finished = [False] * n
+        prompt_tokens = completion_tokens = 0
+        try:
+            for i in range(n):
+                yield self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            open_streams = n
+            while open_streams:
+                i, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                    if not finished[i]:
+                        raise APIError(
+                            502,
+                            "the model server ended the stream without a finish reason",
+                            type="server_error",
+                            code="bad_backend_response",
+                        )
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item.text:
+                    yield self._chunk([ChunkChoice(index=i, delta=Delta(content=item.text))])
+                if item.finish_reason in _FINISH:
+                    finished[i] = True
+                    prompt_tokens = prompt_tokens or item.usage.prompt_tokens
+                    completion_tokens += item.usage.completion_tokens
+                    yield self._chunk(
+                        [
+                            ChunkChoice(
+                                index=i, delta=Delta(), finish_reason=_FINISH[item.finish_reason]
+                            )
+                        ]
+                    )
+            if self.include_usage:
+                usage = Usage(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                )
+                yield self._chunk([], usage)
+            yield _DONE
+        except Exception as err:  # noqa: BLE001 - after the 200, errors travel in-band
+            api_error = self.calls.error(err)
+            log.warning(
+                "stream %s failed after start: %s %s",
+                self.request_id,
+                api_error.status_code,
+                api_error.message,
+            )
+            payload = error_body(api_error.message, api_error.type, api_error.param, api_error.code)
+            yield format_sse_event(data_str=json.dumps(payload))
+            yield _DONE
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            self.calls.cancel()
+            self.metrics.streams_in_flight.dec()
