@@ -11,7 +11,8 @@ export function apiUrl(path) {
 
 /** An API failure, classified for the UI. `kind` is one of:
  *  auth (401/403), overloaded (429), unavailable (503), network (no response),
- *  interrupted (stream cut off), bad_request (4xx), not_found (404), server (5xx), stream
+ *  interrupted (stream cut off), bad_request (4xx), not_found (404), timeout (504),
+ *  server (other 5xx), stream
  *  (an error chunk inside the stream). */
 export class ApiError extends Error {
   constructor(kind, message, { status = 0, type = '', code = '', param = '' } = {}) {
@@ -30,6 +31,7 @@ export function kindForStatus(status) {
   if (status === 429) return 'overloaded';
   if (status === 503) return 'unavailable';
   if (status === 404) return 'not_found';
+  if (status === 504) return 'timeout';
   if (status >= 400 && status < 500) return 'bad_request';
   return 'server';
 }
@@ -174,7 +176,7 @@ export async function* streamChat({ body, apiKey = '', signal }) {
       const e = chunk.error;
       const status = Number(e.code) >= 400 ? Number(e.code) : 0;
       throw new ApiError(
-        status ? kindForStatus(status) : typeMap[e.type] || typeMap[e.code] || 'stream',
+        status ? kindForStatus(status) : typeMap[e.code] || typeMap[e.type] || 'stream',
         typeof e.message === 'string' && e.message ? e.message : 'The server reported an error.',
         { status, type: String(e.type ?? ''), code: String(e.code ?? ''), param: String(e.param ?? '') },
       );
@@ -230,7 +232,11 @@ const typeMap = {
   overloaded_error: 'overloaded',
   service_unavailable: 'unavailable',
   server_error: 'server',
+  timeout_error: 'timeout',
   invalid_api_key: 'auth',
+  backend_unavailable: 'unavailable',
+  model_not_found: 'not_found',
+  timeout: 'timeout',
 };
 
 /** A user-facing sentence for an ApiError. */
@@ -248,6 +254,8 @@ export function describeError(err) {
       return 'The connection was lost before the reply finished.';
     case 'not_found':
       return 'Not found: the selected model may not be served here.';
+    case 'timeout':
+      return 'The reply took too long and the server gave up (timeout).';
     case 'bad_request':
       return 'The server rejected the request.';
     case 'stream':
