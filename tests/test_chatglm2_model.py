@@ -333,3 +333,22 @@ def test_bad_tokenizer_model(tiny_chatglm2_dir, tmp_path):
     (path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(ModelLoadError, match="SentencePiece"):
         load_chatglm2(str(path), CPU, None, None)
+
+
+def test_page_release_only_touches_the_shard_file(tiny_chatglm2_dir):
+    """Released mmap pages fault back in from the file; anonymous memory is never touched."""
+    from model_server.models.chatglm2 import pages
+
+    file = tiny_chatglm2_dir / "pytorch_model-00001-of-00002.bin"
+    name = "transformer.embedding.word_embeddings.weight"
+    state = torch.load(file, mmap=True, weights_only=True)
+    mappings = pages.file_mappings(file)
+    tensor = state[name]
+    before = tensor.clone()
+    released = pages.release(tensor, mappings)
+    if sys.platform.startswith("linux"):
+        assert mappings and released > 0
+    assert torch.equal(tensor, before)
+    anonymous = before.clone()
+    assert pages.release(anonymous, mappings) == 0
+    assert torch.equal(anonymous, before)

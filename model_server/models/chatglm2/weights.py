@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from model_server.models.base import ModelLoadError
+from model_server.models.chatglm2 import pages
 from model_server.models.chatglm2.config import ChatGLM2Config
 
 _LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
@@ -61,27 +62,36 @@ def checkpoint_shards(path: Path) -> list[Path]:
     )
 
 
-def iter_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of one shard, memory-mapped so nothing is read before it is used."""
+def iter_shard(file: Path) -> Iterator[tuple[str, torch.Tensor, list[tuple[int, int]]]]:
+    """(name, tensor, file mappings) of one shard, memory-mapped: nothing is read before use.
+
+    The mappings (address ranges mapping this shard file, empty when not memory-mapped) let
+    the caller give a tensor's pages back once copied, see ``pages.release``.
+    """
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                yield name, f.get_tensor(name)
+                yield name, f.get_tensor(name), []
         return
     try:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        mappings = pages.file_mappings(file)
     except RuntimeError:
         # Legacy (pre-zip) pickles cannot be memory-mapped; they load whole, one shard at a time.
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{file}: cannot read weights ({exc})") from exc
+        mappings = []
+    except Exception as exc:  # any unpickling failure means a bad checkpoint
         raise ModelLoadError(f"{file}: cannot read weights ({exc})") from exc
     # Popping drops each tensor (and, with the last one, the shard's memory map) as soon as
     # the caller has copied it.
     while state:
         name = next(iter(state))
-        yield name, state.pop(name)
+        yield name, state.pop(name), mappings
 
 
 def convert(name: str, tensor: torch.Tensor, cfg: ChatGLM2Config) -> list[tuple[str, torch.Tensor]]:
@@ -127,7 +137,7 @@ def load_weights(
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
     for shard in shards:
-        for name, tensor in iter_shard(shard):
+        for name, tensor, mappings in iter_shard(shard):
             for new_name, value in convert(name, tensor, cfg):
                 target = expected.get(new_name)
                 if target is None:
@@ -139,8 +149,10 @@ def load_weights(
                     )
                 if new_name in loaded:
                     raise ModelLoadError(f"{shard.name}: {name} appears twice")
-                # copy=True: never alias the shard's memory map (it is released below).
-                data = value.to(device=device, dtype=dtype, copy=True)
+                # A fresh tensor, never an alias of the shard's memory map (its pages are
+                # given back chunk by chunk as they are copied).
+                data = torch.empty(value.shape, dtype=dtype, device=device)
+                pages.copy_releasing(data, value, mappings)
                 module_name, _, leaf = new_name.rpartition(".")
                 module = model.get_submodule(module_name)
                 module._parameters[leaf] = nn.Parameter(data, requires_grad=False)
