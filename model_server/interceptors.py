@@ -35,7 +35,8 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                     await _internal(method, context, exc)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
@@ -47,7 +48,8 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                     await _internal(method, context, exc)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
         return handler
 
 

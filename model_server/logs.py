@@ -16,8 +16,13 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = dict(getattr(record, "fields", {}) or {})
         if self._json:
-            doc = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                   "logger": record.name, "msg": record.getMessage(), **fields}
+            doc = {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+                **fields,
+            }
             if record.exc_info:
                 doc["exc"] = self.formatException(record.exc_info)
             return json.dumps(doc, ensure_ascii=False, default=str)

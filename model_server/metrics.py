@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .engine.engine import EngineObserver
+from .engine.types import EngineObserver
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -14,35 +14,53 @@ class ServerMetrics(EngineObserver):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests_running = Gauge(
-            "glmserve_requests_running", "Requests admitted to the batch (prefilling or decoding)",
-            registry=r)
+            "glmserve_requests_running",
+            "Requests admitted to the batch (prefilling or decoding)",
+            registry=r,
+        )
         self.requests_waiting = Gauge(
-            "glmserve_requests_waiting", "Requests queued, not yet admitted", registry=r)
+            "glmserve_requests_waiting", "Requests queued, not yet admitted", registry=r
+        )
         self.prompt_tokens = Counter(
-            "glmserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generated_tokens = Counter(
-            "glmserve_generated_tokens", "Tokens generated", registry=r)
+            "glmserve_prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.generated_tokens = Counter("glmserve_generated_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram(
-            "glmserve_time_to_first_token_seconds", "Arrival to first token",
-            buckets=_LATENCY_BUCKETS, registry=r)
+            "glmserve_time_to_first_token_seconds",
+            "Arrival to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.duration = Histogram(
-            "glmserve_request_duration_seconds", "Arrival to last token",
-            buckets=_LATENCY_BUCKETS, registry=r)
+            "glmserve_request_duration_seconds",
+            "Arrival to last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.requests = Counter(
-            "glmserve_requests", "Finished requests by finish reason", ["finish_reason"],
-            registry=r)
+            "glmserve_requests", "Finished requests by finish reason", ["finish_reason"], registry=r
+        )
         self.batch_size = Histogram(
-            "glmserve_batch_size", "Rows per forward step", ["phase"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+            "glmserve_batch_size",
+            "Rows per forward step",
+            ["phase"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.step_tokens = Counter(
-            "glmserve_step_tokens", "Tokens processed by forward steps", ["phase"], registry=r)
+            "glmserve_step_tokens", "Tokens processed by forward steps", ["phase"], registry=r
+        )
         self.kv_cache_usage = Gauge(
-            "glmserve_kv_cache_usage_ratio", "Reserved KV-cache tokens / budget", registry=r)
+            "glmserve_kv_cache_usage_ratio", "Reserved KV-cache tokens / budget", registry=r
+        )
         self.kv_cache_tokens = Gauge(
-            "glmserve_kv_cache_tokens", "KV-cache positions held by the running batch "
-            "(including padding)", registry=r)
+            "glmserve_kv_cache_tokens",
+            "KV-cache positions held by the running batch (including padding)",
+            registry=r,
+        )
         self.model_loaded = Gauge(
-            "glmserve_model_loaded", "1 once the model is loaded and serving", registry=r)
+            "glmserve_model_loaded", "1 once the model is loaded and serving", registry=r
+        )
 
     # EngineObserver -----------------------------------------------------------------------
 
@@ -60,8 +78,14 @@ class ServerMetrics(EngineObserver):
 
     # per request --------------------------------------------------------------------------
 
-    def request_finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                         ttft: float | None, duration: float | None) -> None:
+    def request_finished(
+        self,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft: float | None,
+        duration: float | None,
+    ) -> None:
         self.requests.labels(finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(completion_tokens)

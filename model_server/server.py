@@ -15,10 +15,9 @@ from grpc_reflection.v1alpha import reflection
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
-from .engine.engine import Engine, EngineConfig
 from .interceptors import ExceptionInterceptor
 from .metrics import ServerMetrics
-from .models import LoadedModel, load_model, resolve_device
+from .models.base import LoadedModel
 from .servicer import ChatServicer, ServingState
 from .settings import Settings
 
@@ -58,14 +57,19 @@ class ModelServer:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[ExceptionInterceptor()],
-            options=[("grpc.so_reuseport", 0), ("grpc.keepalive_permit_without_calls", 1),
-                     ("grpc.http2.min_ping_interval_without_data_ms", 5000)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ],
         )
         chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(self.state, self.metrics), self.server)
+            ChatServicer(self.state, self.metrics), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         self.address = f"{settings.host}:{settings.port}"
 
     async def _set_health(self, status: int) -> None:
@@ -79,8 +83,10 @@ class ModelServer:
         await self.server.start()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port, self.settings.host)
-        log.info("listening", extra={"fields": {"address": self.address,
-                                                "metrics_port": self.settings.metrics_port}})
+        log.info(
+            "listening",
+            extra={"fields": {"address": self.address, "metrics_port": self.settings.metrics_port}},
+        )
 
     async def load(self) -> None:
         """Loads the model in a daemon thread (Ctrl-C during a load must not hang)."""
@@ -90,6 +96,9 @@ class ModelServer:
 
         def work() -> None:
             try:
+                # torch and transformers are imported here, while health says NOT_SERVING.
+                from .models.registry import load_model, resolve_device
+
                 loaded = load_model(s.model, resolve_device(s.device), s.dtype, s.max_model_len)
                 loop.call_soon_threadsafe(done.set_result, loaded)
             except BaseException as exc:  # noqa: BLE001 - reported on the loop
@@ -99,19 +108,37 @@ class ModelServer:
         log.info("loading model", extra={"fields": {"model": s.model}})
         threading.Thread(target=work, name="glmserve-load", daemon=True).start()
         loaded = await done
+        from .engine.engine import Engine, EngineConfig
+
         budget = kv_budget_tokens(loaded, s)
-        engine = Engine(loaded, EngineConfig(
-            max_num_seqs=s.max_num_seqs, max_waiting=s.max_waiting, kv_cache_tokens=budget,
-            prefill_chunk_tokens=s.prefill_chunk_tokens), self.metrics)
+        engine = Engine(
+            loaded,
+            EngineConfig(
+                max_num_seqs=s.max_num_seqs,
+                max_waiting=s.max_waiting,
+                kv_cache_tokens=budget,
+                prefill_chunk_tokens=s.prefill_chunk_tokens,
+            ),
+            self.metrics,
+        )
         engine.start()
         self.state.loaded, self.state.engine = loaded, engine
         self.metrics.model_loaded.set(1)
         await self._set_health(_SERVING)
-        log.info("model ready", extra={"fields": {
-            "id": self.state.model_id, "architecture": loaded.architecture,
-            "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
-            "max_model_len": loaded.max_model_len, "kv_cache_tokens": budget,
-            "load_seconds": round(time.perf_counter() - t0, 1)}})
+        log.info(
+            "model ready",
+            extra={
+                "fields": {
+                    "id": self.state.model_id,
+                    "architecture": loaded.architecture,
+                    "device": str(loaded.device),
+                    "dtype": str(loaded.dtype).removeprefix("torch."),
+                    "max_model_len": loaded.max_model_len,
+                    "kv_cache_tokens": budget,
+                    "load_seconds": round(time.perf_counter() - t0, 1),
+                }
+            },
+        )
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new calls, let in-flight streams finish within the grace."""

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
-from .engine.engine import Engine, QueueFullError, RequestTooLargeError
-from .engine.types import FinishReason, GenerationRequest
+from .engine.types import FinishReason, GenerationRequest, QueueFullError, RequestTooLargeError
 from .metrics import ServerMetrics
 from .models.base import ConversationError, LoadedModel
 from .validation import Defaults, InvalidArgument, messages_of, sampling_params
 
-log = logging.getLogger("glmserve.requests")
+if TYPE_CHECKING:  # the engine imports torch; the servicer must not (health is up first)
+    from .engine.engine import Engine
+
 
 _FINISH = {
     FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
@@ -74,10 +75,15 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         await self._check_model(request.model, context)
         prompt = await self._prompt(loaded, request.messages, context)
         try:
-            params = sampling_params(request, len(prompt), loaded.max_model_len,
-                                     Defaults(loaded.default_temperature, loaded.default_top_p))
-            stream = engine.submit(GenerationRequest(request.request_id or self._new_id(),
-                                                     prompt, params))
+            params = sampling_params(
+                request,
+                len(prompt),
+                loaded.max_model_len,
+                Defaults(loaded.default_temperature, loaded.default_top_p),
+            )
+            stream = engine.submit(
+                GenerationRequest(request.request_id or self._new_id(), prompt, params)
+            )
         except (InvalidArgument, RequestTooLargeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:
@@ -85,58 +91,50 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             async for out in stream:
                 if out.finish_reason is FinishReason.ABORTED:
-                    self._log(stream.request_id, out, "aborted")
                     if out.error is not None:
-                        await context.abort(grpc.StatusCode.INTERNAL,
-                                            f"generation failed: {out.error}")
+                        await context.abort(
+                            grpc.StatusCode.INTERNAL, f"generation failed: {out.error}"
+                        )
                     return
                 msg = chat_pb2.ChatResponse(text=out.text, token_ids=out.token_ids)
                 if out.finish_reason is not None:
                     msg.finish_reason = _FINISH[out.finish_reason]
                     msg.usage.prompt_tokens = out.usage.prompt_tokens
                     msg.usage.completion_tokens = out.usage.completion_tokens
-                    self._log(stream.request_id, out, out.finish_reason.value)
                 yield msg
         finally:
             # Cancelled, deadline passed, or the client went away: free the slot at once.
             stream.abort()
 
-    def _log(self, request_id: str, out, reason: str) -> None:  # noqa: ANN001
-        usage = out.usage
-        self._metrics.request_finished(reason, usage.prompt_tokens, usage.completion_tokens,
-                                       out.time_to_first_token, out.duration)
-        log.info(
-            "request done",
-            extra={"fields": {
-                "request_id": request_id, "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "ttft_ms": None if out.time_to_first_token is None
-                else round(out.time_to_first_token * 1e3, 1),
-                "duration_ms": round((out.duration or 0) * 1e3, 1), "finish_reason": reason,
-            }},
-        )
-
     def _new_id(self) -> str:
         self._ids += 1
         return f"req-{self._state.created:x}-{self._ids}"
 
-    async def ListModels(self, request: chat_pb2.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> chat_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.ListModelsResponse:
         loaded, _ = await self._ready(context)
         st = self._state
         info = chat_pb2.ModelInfo(
-            id=st.model_id, max_model_len=loaded.max_model_len,
-            architecture=loaded.architecture, source=loaded.source,
-            dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device),
-            created=st.created, vocab_size=loaded.tokenizer.vocab_size,
-            default_temperature=loaded.default_temperature, default_top_p=loaded.default_top_p,
+            id=st.model_id,
+            max_model_len=loaded.max_model_len,
+            architecture=loaded.architecture,
+            source=loaded.source,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            created=st.created,
+            vocab_size=loaded.tokenizer.vocab_size,
+            default_temperature=loaded.default_temperature,
+            default_top_p=loaded.default_top_p,
         )
         return chat_pb2.ListModelsResponse(models=[info])
 
-    async def Tokenize(self, request: chat_pb2.TokenizeRequest,
-                       context: grpc.aio.ServicerContext) -> chat_pb2.TokenizeResponse:
+    async def Tokenize(
+        self, request: chat_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.TokenizeResponse:
         loaded, _ = await self._ready(context)
         await self._check_model(request.model, context)
         prompt = await self._prompt(loaded, request.messages, context)
-        return chat_pb2.TokenizeResponse(token_ids=prompt, count=len(prompt),
-                                         max_model_len=loaded.max_model_len)
+        return chat_pb2.TokenizeResponse(
+            token_ids=prompt, count=len(prompt), max_model_len=loaded.max_model_len
+        )

@@ -57,8 +57,9 @@ def _check_range(field: str, value: float, lo: float, hi: float, *, lo_open: boo
         raise InvalidArgument(field, f"must be in {left}{lo:g}, {hi:g}] (got {value:g})")
 
 
-def sampling_params(req: chat_pb2.ChatRequest, prompt_tokens: int, max_model_len: int,
-                    defaults: Defaults) -> SamplingParams:
+def sampling_params(
+    req: chat_pb2.ChatRequest, prompt_tokens: int, max_model_len: int, defaults: Defaults
+) -> SamplingParams:
     """Checks the sampling fields against the prompt length and the model's context."""
     room = max_model_len - prompt_tokens
     if room < 1:
@@ -90,7 +91,9 @@ def sampling_params(req: chat_pb2.ChatRequest, prompt_tokens: int, max_model_len
     if req.min_tokens > max_tokens:
         raise InvalidArgument("min_tokens", f"{req.min_tokens} exceeds max_tokens ({max_tokens})")
     if len(req.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} stop strings (got {len(req.stop)})")
+        raise InvalidArgument(
+            "stop", f"at most {MAX_STOP_STRINGS} stop strings (got {len(req.stop)})"
+        )
     for i, s in enumerate(req.stop):
         if not s or len(s.encode()) > MAX_STOP_BYTES:
             raise InvalidArgument(f"stop[{i}]", f"must be 1 to {MAX_STOP_BYTES} bytes")

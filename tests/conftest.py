@@ -13,3 +13,31 @@ def tiny_chatglm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from chatglm2_fixture import make_tiny_chatglm2
 
     return make_tiny_chatglm2(tmp_path_factory.mktemp("chatglm2") / "tiny-chatglm2")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer + chat template, saved as plain transformers files."""
+    from tiny_models import smollm_tokenizer_dir
+
+    return smollm_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer: Path) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, context 512) with SmolLM2's tokenizer."""
+    from tiny_models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm_tokenizer)
+
+
+SCRIPT = "Hello there! 你好世界。 Done"
+
+
+@pytest.fixture(scope="session")
+def scripted_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer: Path) -> Path:
+    """A tiny Llama whose greedy reply to any prompt is exactly ``SCRIPT``."""
+    from tiny_models import make_scripted_llama
+
+    return make_scripted_llama(tmp_path_factory.mktemp("scripted") / "scripted", smollm_tokenizer,
+                               SCRIPT)

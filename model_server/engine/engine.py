@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
 import threading
@@ -26,17 +27,15 @@ from ..models.base import LoadedModel
 from . import kv
 from .sampling import PenaltyState, sample
 from .sequence import Sequence
-from .types import GenerationRequest, StepOutput
+from .types import (
+    EngineObserver,
+    GenerationRequest,
+    QueueFullError,
+    RequestTooLargeError,
+    StepOutput,
+)
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at --max-waiting (→ RESOURCE_EXHAUSTED)."""
-
-
-class RequestTooLargeError(ValueError):
-    """The request could never fit the KV-cache budget (→ INVALID_ARGUMENT)."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +46,6 @@ class EngineConfig:
     kv_cache_tokens: int = 1 << 20
     # Most prompt tokens prefilled per step; longer prompts are prefilled in chunks this size.
     prefill_chunk_tokens: int = 512
-
-
-class EngineObserver:
-    """Hooks for metrics; the default does nothing (the engine knows nothing of Prometheus)."""
-
-    def queue_changed(self, running: int, waiting: int) -> None: ...
-    def step(self, kind: str, batch_size: int, tokens: int) -> None: ...
-    def kv_usage(self, reserved: int, budget: int, cached: int) -> None: ...
 
 
 class RequestStream:
@@ -68,10 +59,8 @@ class RequestStream:
         self.finished = False
 
     def put_threadsafe(self, out: StepOutput) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
 
     def __aiter__(self) -> AsyncIterator[StepOutput]:
         return self._iterate()
@@ -118,6 +107,7 @@ class Engine:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._num_waiting = 0  # submitted, not yet admitted (guarded by _lock)
+        self._num_active = 0  # admitted, not yet finished (guarded by _lock)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: collections.deque[Sequence] = collections.deque()
         self._chunk_cache: kv.DynamicCache | None = None  # for the head of _prefilling
@@ -148,13 +138,23 @@ class Engine:
                 f"of {self.config.kv_cache_tokens} tokens; lower max_tokens or the prompt"
             )
         stream = RequestStream(self, request.request_id, asyncio.get_running_loop())
-        seq = Sequence(request, stream.put_threadsafe, self.loaded.tokenizer,
-                       self.loaded.chat_format.reply_filter(), self._device)
+        seq = Sequence(
+            request,
+            stream.put_threadsafe,
+            self.loaded.tokenizer,
+            self.loaded.chat_format.reply_filter(),
+            self._device,
+            self.observer,
+        )
+        cfg = self.config
         with self._lock:
-            if self._num_waiting >= self.config.max_waiting:
+            # Seats first, then the bounded queue (the running count may lag by one step,
+            # which errs on the side of queueing).
+            if self._num_waiting + self.num_running >= cfg.max_num_seqs + cfg.max_waiting:
                 raise QueueFullError(
-                    f"server busy: {self._num_waiting} requests already waiting "
-                    f"(--max-waiting {self.config.max_waiting}); retry later"
+                    f"server busy: {self.num_running} requests running and {self._num_waiting} "
+                    f"waiting (--max-num-seqs {cfg.max_num_seqs}, --max-waiting "
+                    f"{cfg.max_waiting}); retry later"
                 )
             self._num_waiting += 1
             self._inbox.append(seq)
@@ -168,7 +168,8 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._batch.rows) + len(self._prefilling)
+        """Admitted and not finished (prefilling, mid-join, or decoding)."""
+        return self._num_active
 
     @property
     def num_waiting(self) -> int:
@@ -215,10 +216,10 @@ class Engine:
             if seq is self._prefilling[0]:
                 self._chunk_cache = None
             self._prefilling.remove(seq)
-            seq.abort()
+            self._end(seq)
         gone = [s for s in self._batch.rows if s.request_id in ids]
         for seq in gone:
-            seq.abort()
+            self._end(seq)
         if gone:
             self._drop_finished()
         self._publish_queue()
@@ -233,6 +234,7 @@ class Engine:
             self._waiting.popleft()
             with self._lock:
                 self._num_waiting -= 1
+                self._num_active += 1
             self._prefilling.append(seq)
             admitted = True
         if admitted:
@@ -242,10 +244,16 @@ class Engine:
     def _reserved(self) -> int:
         """KV tokens reserved by admitted requests (derived, so it can never drift)."""
         return sum(s.reserved_tokens for s in self._prefilling) + sum(
-            s.reserved_tokens for s in self._batch.rows if not s.finished)
+            s.reserved_tokens for s in self._batch.rows if not s.finished
+        )
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: kv.DynamicCache) -> torch.Tensor:
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: kv.DynamicCache,
+    ) -> torch.Tensor:
         out = self._model(
             input_ids=input_ids.to(self._device),
             attention_mask=mask.to(self._device),
@@ -279,15 +287,16 @@ class Engine:
         mask = torch.zeros(len(group), length, dtype=torch.long)
         for i, s in enumerate(group):
             n = len(s.prompt_ids)
-            ids[i, length - n:] = torch.tensor(s.prompt_ids)
-            mask[i, length - n:] = 1
+            ids[i, length - n :] = torch.tensor(s.prompt_ids)
+            mask[i, length - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = kv.new_cache()
         t0 = time.perf_counter()
         logits = self._forward(ids, mask, positions, cache)
         self.observer.step("prefill", len(group), total)
-        log.debug("prefill %d seqs %d tokens %.1f ms", len(group), total,
-                  (time.perf_counter() - t0) * 1e3)
+        log.debug(
+            "prefill %d seqs %d tokens %.1f ms", len(group), total, (time.perf_counter() - t0) * 1e3
+        )
         for s in group:
             s.prefilled = len(s.prompt_ids)
         self._start_decoding(group, logits, cache, mask)
@@ -308,13 +317,19 @@ class Engine:
             self._prefilling.popleft()
             self._start_decoding([seq], logits, cache, mask)
 
-    def _start_decoding(self, group: list[Sequence], logits: torch.Tensor,
-                        cache: kv.DynamicCache, mask: torch.Tensor) -> None:
+    def _start_decoding(
+        self,
+        group: list[Sequence],
+        logits: torch.Tensor,
+        cache: kv.DynamicCache,
+        mask: torch.Tensor,
+    ) -> None:
         """Samples each new sequence's first token; the unfinished ones join the batch."""
         penalties = None
         if any(s.params.needs_penalties for s in group):
-            penalties = PenaltyState([(s.prompt_ids, s.output_ids) for s in group], self._vocab,
-                                     logits.device)
+            penalties = PenaltyState(
+                [(s.prompt_ids, s.output_ids) for s in group], self._vocab, logits.device
+            )
         tokens = self._sample(logits, group, penalties)
         keep = [i for i, (s, t) in enumerate(zip(group, tokens)) if not self._append(s, t)]
         if not keep:
@@ -350,13 +365,30 @@ class Engine:
         cached = b.mask.shape[0] * b.mask.shape[1]
         self.observer.kv_usage(self._reserved, self.config.kv_cache_tokens, cached)
 
-    def _sample(self, logits: torch.Tensor, rows: list[Sequence],
-                penalties: PenaltyState | None) -> list[int]:
-        return sample(logits, [s.sampling for s in rows], self.loaded.eos_token_ids,
-                      penalties, self.loaded.nan_guard_token_id)
+    def _sample(
+        self, logits: torch.Tensor, rows: list[Sequence], penalties: PenaltyState | None
+    ) -> list[int]:
+        return sample(
+            logits,
+            [s.sampling for s in rows],
+            self.loaded.eos_token_ids,
+            penalties,
+            self.loaded.nan_guard_token_id,
+        )
 
     def _append(self, seq: Sequence, token: int) -> bool:
-        return seq.append_token(token, self.loaded.eos_token_ids)
+        done = seq.append_token(token, self.loaded.eos_token_ids)
+        if done:
+            with self._lock:
+                self._num_active -= 1
+        return done
+
+    def _end(self, seq: Sequence, error: BaseException | None = None) -> None:
+        """Ends an admitted sequence early (abort or failure); frees its seat."""
+        if not seq.finished:
+            seq.abort(error)
+            with self._lock:
+                self._num_active -= 1
 
     def _drop_finished(self) -> None:
         b = self._batch
@@ -374,14 +406,15 @@ class Engine:
     def _rebuild_penalties(self) -> None:
         b = self._batch
         if any(s.params.needs_penalties for s in b.rows):
-            b.penalties = PenaltyState([(s.prompt_ids, s.output_ids) for s in b.rows],
-                                       self._vocab, self._device)
+            b.penalties = PenaltyState(
+                [(s.prompt_ids, s.output_ids) for s in b.rows], self._vocab, self._device
+            )
         else:
             b.penalties = None
 
     def _fail_all(self, exc: BaseException) -> None:
         for seq in list(self._prefilling) + self._batch.rows:
-            seq.abort(exc)
+            self._end(seq, exc)
         self._prefilling.clear()
         self._chunk_cache = None
         self._batch = _Batch()
@@ -390,6 +423,6 @@ class Engine:
     def _publish_queue(self) -> None:
         self.observer.queue_changed(self.num_running, self._num_waiting)
         b = self._batch
-        self.observer.kv_usage(self._reserved, self.config.kv_cache_tokens,
-                               b.mask.shape[0] * b.mask.shape[1])
-
+        self.observer.kv_usage(
+            self._reserved, self.config.kv_cache_tokens, b.mask.shape[0] * b.mask.shape[1]
+        )

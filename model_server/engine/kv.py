@@ -27,8 +27,9 @@ def _pad_left(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t, (0, 0, pad, 0)) if pad else t
 
 
-def concat(caches: Sequence[DynamicCache], masks: Sequence[torch.Tensor]
-           ) -> tuple[DynamicCache, torch.Tensor]:
+def concat(
+    caches: Sequence[DynamicCache], masks: Sequence[torch.Tensor]
+) -> tuple[DynamicCache, torch.Tensor]:
     """Stacks several batches into one, left-padding each to the longest."""
     length = max(m.shape[1] for m in masks)
     data = []
@@ -41,8 +42,9 @@ def concat(caches: Sequence[DynamicCache], masks: Sequence[torch.Tensor]
     return DynamicCache(ddp_cache_data=data), mask
 
 
-def select(cache: DynamicCache, mask: torch.Tensor, keep: torch.Tensor
-           ) -> tuple[DynamicCache, torch.Tensor]:
+def select(
+    cache: DynamicCache, mask: torch.Tensor, keep: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
     """Keeps rows ``keep``; drops leading columns that are padding in every kept row."""
     mask = mask[keep]
     real = mask.any(dim=0).nonzero()

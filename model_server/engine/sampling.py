@@ -27,8 +27,12 @@ class RowSampling:
 class PenaltyState:
     """Token counts per row, kept aligned with the batch, for repetition/presence/frequency."""
 
-    def __init__(self, histories: Sequence[tuple[Sequence[int], Sequence[int]]], vocab: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        histories: Sequence[tuple[Sequence[int], Sequence[int]]],
+        vocab: int,
+        device: torch.device,
+    ) -> None:
         b = len(histories)
         self.prompt_seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
         self.output_counts = torch.zeros(b, vocab, dtype=torch.float32, device=device)

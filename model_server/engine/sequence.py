@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -11,7 +12,9 @@ from ..models.base import TextFilter, Tokenizer
 from .detokenizer import IncrementalDetokenizer
 from .sampling import RowSampling
 from .stop import StopStringMatcher
-from .types import FinishReason, GenerationRequest, StepOutput, Usage
+from .types import EngineObserver, FinishReason, GenerationRequest, StepOutput, Usage
+
+log = logging.getLogger("glmserve.requests")
 
 
 class Sequence:
@@ -24,7 +27,9 @@ class Sequence:
         tokenizer: Tokenizer,
         reply_filter: TextFilter | None,
         device: torch.device,
+        observer: EngineObserver,
     ) -> None:
+        self._observer = observer
         self.request = request
         self.params = request.params
         self.prompt_ids = request.prompt_ids
@@ -85,24 +90,39 @@ class Sequence:
                 text += self._filter.flush()
         out = StepOutput(text=text, token_ids=[token])
         if finish is not None:
-            self.finished = True
-            out.finish_reason = finish
-            out.usage = Usage(len(self.prompt_ids), len(self.output_ids))
-            out.time_to_first_token = self.first_token_at - self.arrival
-            out.duration = now - self.arrival
+            self._finish(out, finish, now)
         self.emit(out)
         return finish is not None
+
+    def _finish(self, out: StepOutput, reason: FinishReason, now: float) -> None:
+        """Marks the end: usage and timings on the last output, one metrics + log record."""
+        self.finished = True
+        out.finish_reason = reason
+        out.usage = Usage(len(self.prompt_ids), len(self.output_ids))
+        ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
+        out.time_to_first_token = ttft
+        out.duration = now - self.arrival
+        self._observer.request_finished(
+            reason.value, out.usage.prompt_tokens, out.usage.completion_tokens, ttft, out.duration
+        )
+        log.info(
+            "request done",
+            extra={
+                "fields": {
+                    "request_id": self.request_id,
+                    "prompt_tokens": out.usage.prompt_tokens,
+                    "completion_tokens": out.usage.completion_tokens,
+                    "ttft_ms": None if ttft is None else round(ttft * 1e3, 1),
+                    "duration_ms": round(out.duration * 1e3, 1),
+                    "finish_reason": reason.value,
+                }
+            },
+        )
 
     def abort(self, error: BaseException | None = None) -> None:
         """Ends the stream without a reply (caller gone, or an engine failure)."""
         if self.finished:
             return
-        self.finished = True
-        now = time.perf_counter()
-        self.emit(StepOutput(
-            finish_reason=FinishReason.ABORTED,
-            usage=Usage(len(self.prompt_ids), len(self.output_ids)),
-            time_to_first_token=(self.first_token_at - self.arrival) if self.first_token_at else None,
-            duration=now - self.arrival,
-            error=error,
-        ))
+        out = StepOutput(error=error)
+        self._finish(out, FinishReason.ABORTED, time.perf_counter())
+        self.emit(out)

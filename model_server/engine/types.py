@@ -66,3 +66,30 @@ class StepOutput:
     time_to_first_token: float | None = None
     duration: float | None = None
     error: BaseException | None = None
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at --max-waiting (→ RESOURCE_EXHAUSTED)."""
+
+
+class RequestTooLargeError(ValueError):
+    """The request could never fit the KV-cache budget (→ INVALID_ARGUMENT)."""
+
+
+class EngineObserver:
+    """Hooks for metrics; the default does nothing (the engine knows nothing of Prometheus)."""
+
+    def queue_changed(self, running: int, waiting: int) -> None: ...
+
+    def step(self, kind: str, batch_size: int, tokens: int) -> None: ...
+
+    def kv_usage(self, reserved: int, budget: int, cached: int) -> None: ...
+
+    def request_finished(
+        self,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft: float | None,
+        duration: float,
+    ) -> None: ...

@@ -1,61 +1,7 @@
-"""Resolves ``--model`` to a :class:`LoadedModel`: the embedded default, ChatGLM2, or any
-transformers causal LM with a chat template. Nothing here runs code from a checkpoint."""
+"""Model loading: ``registry.load_model`` resolves ``--model`` to a ``base.LoadedModel``.
 
-from __future__ import annotations
+Kept import-light on purpose: the gRPC server imports this package before torch is loaded, so
+health can answer NOT_SERVING while the (slow) torch import and model load run.
+"""
 
-import json
-from pathlib import Path
-
-import torch
-
-from .base import LoadedModel, ModelLoadError
-from .gguf import DEFAULT_MODEL, load_default
-from .hf import load_hf, resolve_dtype
-
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "load_model", "resolve_device"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def load_model(model: str, device: torch.device, dtype_name: str,
-               max_model_len: int | None) -> LoadedModel:
-    dtype = resolve_dtype(dtype_name, device)
-    if model == DEFAULT_MODEL:
-        return load_default(device, dtype, max_model_len)
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(
-            f"--model {model!r}: not {DEFAULT_MODEL!r} and not a local checkpoint directory "
-            "(glmserve cannot download from a model hub)"
-        )
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelLoadError(f"--model {model}: no config.json in that directory")
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") == "chatglm":
-        from .chatglm2 import load_chatglm2
-
-        return load_chatglm2(str(path), device, None if dtype_name == "auto" else dtype,
-                             max_model_len)
-    _refuse_remote_code(config, model)
-    return load_hf(str(path), device, dtype, max_model_len)
-
-
-def _refuse_remote_code(config: dict, model: str) -> None:
-    from transformers import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        hint = " (its config.json points at remote code via auto_map)" if "auto_map" in config else ""
-        raise ModelLoadError(
-            f"--model {model}: model_type {model_type!r} is not supported natively by "
-            f"transformers{hint}; glmserve never runs code shipped in a checkpoint"
-        )
+DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the loaders, not by the servicer's import chain
+    import torch
 
 RoleName = Literal["system", "user", "assistant"]
 
@@ -76,7 +77,7 @@ class ChatFormat(Protocol):
 class LoadedModel:
     """A model ready to serve. ``model`` is a transformers ``PreTrainedModel`` in eval mode."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # noqa: F821
     tokenizer: Tokenizer
     chat_format: ChatFormat
     eos_token_ids: frozenset[int]

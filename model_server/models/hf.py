@@ -65,9 +65,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if name not in table:
         raise ModelLoadError(f"--dtype {name!r}: expected auto, float32, float16 or bfloat16")
     return table[name]
@@ -88,17 +94,28 @@ def context_length(config, requested: int | None) -> int:  # noqa: ANN001
     return requested
 
 
-def load_hf(path: str, device: torch.device, dtype: torch.dtype, max_model_len: int | None,
-            *, source: str | None = None, **from_pretrained_kwargs: object) -> LoadedModel:
+def load_hf(
+    path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int | None,
+    *,
+    source: str | None = None,
+    **from_pretrained_kwargs: object,
+) -> LoadedModel:
     """Loads a local transformers checkpoint (never remote code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("loading tokenizer from %s", path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False,
-                                              **from_pretrained_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=False, **from_pretrained_kwargs
+    )
     log.info("loading weights from %s (%s on %s)", path, dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=False, low_cpu_mem_usage=True,
+        path,
+        dtype=dtype,
+        trust_remote_code=False,
+        low_cpu_mem_usage=True,
         **from_pretrained_kwargs,
     )
     model.to(device).eval()
