@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +42,7 @@ SETTINGS_KEY = "glmserve.v1.settings"
 CONVERSATIONS_KEY = "glmserve.v1.conversations"
 
 # Short replies keep the suite fast; tests that need a long reply raise max_tokens themselves.
-DEFAULT_MAX_TOKENS = 32
+DEFAULT_MAX_TOKENS = 8
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
@@ -53,111 +50,94 @@ expect = sync_api.expect
 # ====================================================================== processes
 # --- stack begin (the real model server + the real bridge)
 
-from procs import free_port, start_model_server  # noqa: E402  (tests/procs.py, by the lead)
+from procs import spawn_bridge, spawn_model_server, start_bridge  # noqa: E402  (tests/procs.py)
+
+# The served model is a tiny Llama rigged so that GREEDY decoding (temperature 0) replies with
+# exactly this hostile text, token by token (tests/tiny_models.py; every token must be unique);
+# sampled at the default temperature it produces random text, as long as max_tokens allows.
+HOSTILE_REPLY = "Hi <img src onerror=__pwned(1)><script>alert[2] 中文 **ok**"
 
 
-class Bridge:
-    """`http-bridge` running under uvicorn in a subprocess."""
-
-    def __init__(self, backend: str, *args: str, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).with_name("http-bridge")
-        cmd = [str(exe) if exe.exists() else "http-bridge", "--backend", backend]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.log = tempfile.NamedTemporaryFile("w+b", prefix="ui-bridge-", suffix=".log")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"http-bridge exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                httpx.get(f"{self.url}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"http-bridge did not answer in 30 s:\n{self.output()}")
-                time.sleep(0.1)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-@contextmanager
-def bridge_process(backend: str, *args: str) -> Iterator[Bridge]:
-    bridge = Bridge(backend, *args)
-    try:
-        yield bridge
-    finally:
-        bridge.stop()
-        bridge.log.close()
-
-
-@dataclass
 class Stack:
     """A model server plus a bridge in front of it, as the page sees them."""
 
-    url: str  # the bridge, e.g. http://127.0.0.1:PORT (no trailing slash)
-    model: str  # the served model id
-    metrics_url: str
-    stop_backend: Callable[[], None]
-    stop_bridge: Callable[[], None]
-    backend_target: str = ""
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.server: Any = None
+        self.bridge: Any = None
+        self.model = ""
+
+    def start(self) -> None:
+        self.server = spawn_model_server(str(self.model_dir))
+        self.bridge = spawn_bridge("--backend", self.server.target, "--drain-seconds", "1")
+        # The bridge answers at once, but routes calls only once its health check sees the
+        # backend SERVING: wait for that.
+        deadline = time.monotonic() + 30
+        while (r := httpx.get(f"{self.url}/v1/models", timeout=10)).status_code != 200:
+            assert time.monotonic() < deadline, f"bridge never reached the backend: {r.text}"
+            time.sleep(0.05)
+        self.model = r.json()["data"][0]["id"]
+
+    def alive(self) -> bool:
+        return all(p is not None and p.proc.poll() is None for p in (self.server, self.bridge))
+
+    def close(self) -> None:
+        for p in (self.bridge, self.server):
+            if p is not None:
+                p.stop()
+
+    @property
+    def url(self) -> str:  # the bridge, e.g. http://127.0.0.1:PORT (no trailing slash)
+        return self.bridge.url
+
+    def stop_backend(self) -> None:
+        self.server.stop()
+
+    def stop_bridge(self) -> None:
+        self.bridge.stop()
 
     def requests_running(self) -> float:
         """Sum of the model server's glmserve_requests_running gauge (all label sets)."""
-        text = httpx.get(self.metrics_url, timeout=5).text
+        text = httpx.get(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=5).text
         values = [
             float(line.rsplit(None, 1)[1])
             for line in text.splitlines()
             if re.match(r"glmserve_requests_running(\{| )", line)
         ]
-        assert values, f"glmserve_requests_running not in {self.metrics_url}"
+        assert values, "glmserve_requests_running is not exported"
         return sum(values)
 
 
-@contextmanager
-def real_stack(model_dir: Path) -> Iterator[Stack]:
-    with start_model_server(str(model_dir)) as server, bridge_process(server.target) as bridge:
-        models = httpx.get(f"{bridge.url}/v1/models", timeout=10).json()["data"]
-        yield Stack(
-            url=bridge.url,
-            model=models[0]["id"],
-            metrics_url=f"http://127.0.0.1:{server.metrics_port}/metrics",
-            stop_backend=server.stop,
-            stop_bridge=bridge.stop,
-            backend_target=server.target,
-        )
+@pytest.fixture(scope="module")
+def hostile_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer: Path) -> Path:
+    from tiny_models import make_scripted_llama
+
+    out = tmp_path_factory.mktemp("ui-model") / "hostile-llama"
+    return make_scripted_llama(out, smollm_tokenizer, HOSTILE_REPLY)
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model_dir: Path) -> Iterator[Stack]:
-    """One model server + bridge shared by the tests that leave them running."""
-    with real_stack(tiny_model_dir) as s:
+def _shared_stack(hostile_model_dir: Path) -> Iterator[Stack]:
+    s = Stack(hostile_model_dir)
+    try:
+        s.start()
         yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture
-def own_stack(tiny_model_dir: Path) -> Iterator[Stack]:
-    """A model server + bridge for a test that stops them."""
-    with real_stack(tiny_model_dir) as s:
-        yield s
+def stack(_shared_stack: Stack) -> Stack:
+    """The module's model server + bridge; restarted if an earlier test stopped them."""
+    if not _shared_stack.alive():
+        _shared_stack.close()
+        _shared_stack.start()
+    return _shared_stack
 
 
 @contextmanager
 def no_ui_bridge(s: Stack) -> Iterator[str]:
-    with bridge_process(s.backend_target, "--no-ui") as bridge:
+    with start_bridge("--backend", s.server.target, "--no-ui", "--drain-seconds", "1") as bridge:
         yield bridge.url
 
 
@@ -212,7 +192,8 @@ class UI:
     def wait_replies(self, count: int, timeout: float = 30_000) -> None:
         """Waits until `count` assistant messages exist and none is streaming."""
         self.page.wait_for_function(
-            """n => document.querySelectorAll('[data-testid=message][data-role=assistant]').length === n
+            """n => document.querySelectorAll('[data-testid=message][data-role=assistant]')
+                       .length === n
                    && !document.querySelector('[data-testid=message][data-streaming=true]')""",
             arg=count,
             timeout=timeout,
@@ -258,11 +239,18 @@ def make_ui(chromium: Any, request: pytest.FixtureRequest) -> Iterator[Callable[
         page.on("pageerror", lambda exc: ui.errors.append(str(exc)))
         page.on(
             "request",
-            lambda req: ui.requests.append(
-                {"url": req.url, "method": req.method, "headers": req.headers, "body": req.post_data}
-            )
-            if "/v1/" in req.url
-            else None,
+            lambda req: (
+                ui.requests.append(
+                    {
+                        "url": req.url,
+                        "method": req.method,
+                        "headers": req.headers,
+                        "body": req.post_data,
+                    }
+                )
+                if "/v1/" in req.url
+                else None
+            ),
         )
         made.append((ctx, ui))
         return ui
@@ -297,7 +285,9 @@ def delta(text: str, finish: str | None = None) -> dict:
         "object": "chat.completion.chunk",
         "created": 0,
         "model": "routed",
-        "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}],
+        "choices": [
+            {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        ],
     }
 
 
@@ -305,7 +295,7 @@ def delta(text: str, finish: str | None = None) -> dict:
 
 
 def test_send_message_streams_the_reply(stack: Stack, make_ui: Callable[..., UI]) -> None:
-    ui = make_ui(stack.url, max_tokens=48, permissions=["clipboard-read", "clipboard-write"])
+    ui = make_ui(stack.url, max_tokens=16, permissions=["clipboard-read", "clipboard-write"])
     ui.goto()
     expect(ui.tid("model-select")).to_have_value(stack.model)
     expect(ui.tid("empty-state")).to_be_visible()
@@ -315,9 +305,11 @@ def test_send_message_streams_the_reply(stack: Stack, make_ui: Callable[..., UI]
         """() => {
           window.__snapshots = [];
           new MutationObserver(() => {
-            const m = document.querySelector('[data-testid=message][data-streaming=true] [data-testid=message-content]');
+            const m = document.querySelector(
+              '[data-testid=message][data-streaming=true] [data-testid=message-content]');
             if (m) window.__snapshots.push(m.textContent.length);
-          }).observe(document.getElementById('message-list'), {subtree: true, childList: true, characterData: true});
+          }).observe(document.getElementById('message-list'),
+                     {subtree: true, childList: true, characterData: true});
         }"""
     )
     text = "你好，请用中文介绍一下你自己。Hello 👋"
@@ -341,7 +333,7 @@ def test_send_message_streams_the_reply(stack: Stack, make_ui: Callable[..., UI]
     assert stored[0]["messages"][0]["content"] == text
 
     body = json.loads(ui.requests[-1]["body"])
-    assert body["stream"] is True and body["model"] == stack.model and body["max_tokens"] == 48
+    assert body["stream"] is True and body["model"] == stack.model and body["max_tokens"] == 16
     assert body["messages"] == [{"role": "user", "content": text}]
 
     expect(ui.conversations()).to_have_count(1)
@@ -368,7 +360,7 @@ def test_stop_mid_stream_ends_generation_on_the_server(
     ui.goto()
     # Settings through the dialog: a long reply, so that there is something to stop.
     ui.open_settings()
-    ui.tid("settings-max-tokens").fill("1500")
+    ui.tid("settings-max-tokens").fill("400")  # the model's context is 512 tokens
     ui.tid("settings-temperature").fill("0.9")
     ui.save_settings()
 
@@ -376,7 +368,9 @@ def test_stop_mid_stream_ends_generation_on_the_server(
     ui.type_and_send("Write a very long story.")
     expect(ui.tid("stop-button")).to_be_visible()
     expect(ui.tid("send-button")).to_be_hidden()
-    streaming = ui.page.locator("[data-testid=message][data-streaming=true] [data-testid=message-content]")
+    streaming = ui.page.locator(
+        "[data-testid=message][data-streaming=true] [data-testid=message-content]"
+    )
     expect(streaming).not_to_have_text("")
     deadline = time.monotonic() + 10
     while stack.requests_running() < 1:
@@ -395,7 +389,7 @@ def test_stop_mid_stream_ends_generation_on_the_server(
         time.sleep(0.05)
 
     body = json.loads(ui.requests[-1]["body"])
-    assert body["max_tokens"] == 1500 and body["temperature"] == 0.9
+    assert body["max_tokens"] == 400 and body["temperature"] == 0.9
     stored = ui.stored_conversations()[0]["messages"][1]
     assert stored.get("stopped") is True and stored["content"]
     assert stored.get("finish") is None  # stopped before the server said why it ended
@@ -475,34 +469,6 @@ def test_switch_rename_and_delete_conversations(stack: Stack, make_ui: Callable[
     assert [c["title"] for c in ui.stored_conversations()] == ["项目 Alpha"]
 
 
-def test_error_banner_when_the_backend_is_down(
-    own_stack: Stack, make_ui: Callable[..., UI]
-) -> None:
-    ui = make_ui(own_stack.url)
-    ui.goto()
-    expect(ui.tid("model-select")).to_have_value(own_stack.model)
-    expect(ui.tid("error-banner")).to_be_hidden()
-
-    own_stack.stop_backend()
-    ui.type_and_send("Are you there?")
-    banner = ui.tid("error-banner")
-    expect(banner).to_be_visible(timeout=20_000)
-    expect(banner).to_have_attribute("data-kind", "unavailable")
-    expect(banner).to_have_attribute("data-status", "503")
-    expect(ui.tid("error-text")).to_contain_text("unavailable")
-    expect(ui.tid("error-action")).to_have_text("Retry")
-    # The question is kept, no empty answer is left behind, and the composer is usable again.
-    expect(ui.messages("user")).to_have_count(1)
-    expect(ui.messages("assistant")).to_have_count(0)
-    expect(ui.tid("send-button")).to_be_visible()
-
-    # With the bridge gone too, Retry reports a network error instead.
-    own_stack.stop_bridge()
-    ui.tid("error-action").click()
-    expect(banner).to_have_attribute("data-kind", "network")
-    expect(ui.tid("error-text")).to_contain_text("Cannot reach the server")
-
-
 HOSTILE_USER = (
     "<script>window.__pwned='script'</script>"
     "<img src=x onerror=\"window.__pwned='img'\">"
@@ -523,7 +489,15 @@ def test_user_message_with_html_is_shown_as_text(stack: Stack, make_ui: Callable
         bubble = ui.messages("user").get_by_test_id("message-content")
         expect(bubble).to_have_text(HOSTILE_USER)
         assert bubble.evaluate("el => el.children.length") == 0  # text only, no elements
-        for sel in ("script", "img", "svg", "iframe", "[onerror]", "[onload]", "a[href^=javascript]"):
+        for sel in (
+            "script",
+            "img",
+            "svg",
+            "iframe",
+            "[onerror]",
+            "[onload]",
+            "a[href^=javascript]",
+        ):
             for where in ("message-content", "conversation-open", "conversation-title"):
                 assert ui.page.locator(f"[data-testid={where}] {sel}").count() == 0, (where, sel)
         assert ui.page.locator("#message-list script, #message-list img").count() == 0
@@ -603,7 +577,9 @@ def test_markdown_renderer_neutralises_hostile_input(
     ui.wait_flag_unset(500)
     for r in result:
         assert set(r["tags"]) <= ALLOWED_TAGS, r
-        assert not [a for a in r["attrs"] if a.startswith("on") or a in ("src", "srcdoc", "style")], r
+        assert not [
+            a for a in r["attrs"] if a.startswith("on") or a in ("src", "srcdoc", "style")
+        ], r
         for href in r["hrefs"]:
             assert re.match(r"^(https?|mailto):", href), r
         assert r["ms"] < 500, r
@@ -613,7 +589,10 @@ def test_markdown_renderer_neutralises_hostile_input(
     assert by_src["[click](javascript:window.__pwned='md-link')"]["hrefs"] == []
     assert "<script>" in by_src[HOSTILE_MARKDOWN[14]]["text"]
     # The only input-carrying attribute besides href is a sanitised language class.
-    assert ui.page.locator("#renderer-test code[class*='\"'], #renderer-test [class*=' on']").count() == 0
+    assert (
+        ui.page.locator("#renderer-test code[class*='\"'], #renderer-test [class*=' on']").count()
+        == 0
+    )
 
     # Ordinary Markdown still renders as Markdown.
     good = ui.page.evaluate(
@@ -627,7 +606,8 @@ def test_markdown_renderer_neutralises_hostile_input(
             inline: el.querySelector('p code')?.textContent,
             lang: el.querySelector('pre code')?.className,
             code: el.querySelector('pre code')?.textContent,
-            items: [...el.querySelectorAll(':scope > ul > li')].map(li => li.firstChild.textContent),
+            items: [...el.querySelectorAll(':scope > ul > li')]
+                     .map(li => li.firstChild.textContent),
             nested: el.querySelector('ul li ul li')?.textContent,
             ol: el.querySelector('ol')?.start,
             cells: [...el.querySelectorAll('td')].map(td => td.textContent),
@@ -656,31 +636,26 @@ def test_markdown_renderer_neutralises_hostile_input(
 
 
 def test_hostile_assistant_reply_renders_as_text(stack: Stack, make_ui: Callable[..., UI]) -> None:
-    """The whole assistant path (SSE parsing + streaming render) with a hostile reply."""
-    ui = make_ui(stack.url, bypass_csp=True)
+    """The real model, decoding greedily, replies with HOSTILE_REPLY (<img onerror>, <script>)."""
+    ui = make_ui(stack.url, max_tokens=64, bypass_csp=True)
     ui.goto()
-    reply_parts = [
-        "Sure: <scr",
-        "ipt>window.__pwned='sse'</script> and <img src=x one",
-        "rror=\"window.__pwned='sse-img'\">\n\n[go](javascript:window.__pwned='sse-link') ",
-        "中文字符 ✓",
-    ]
-    body = sse(*(delta(p) for p in reply_parts), delta("", "stop"), "[DONE]")
-    ui.page.route(
-        "**/v1/chat/completions",
-        lambda route: route.fulfill(
-            status=200, headers={"content-type": "text/event-stream; charset=utf-8"}, body=body
-        ),
-    )
-    ui.type_and_send("say something nasty")
+    ui.open_settings()
+    ui.tid("settings-temperature").fill("0")  # greedy: the scripted reply
+    ui.save_settings()
+    ui.page.evaluate("window.__pwned = (n) => { window.__hit = n; }")
+    ui.type_and_send("Say something nasty")
     ui.wait_replies(1)
+
+    stored = ui.stored_conversations()[0]["messages"][1]["content"]
+    assert stored == HOSTILE_REPLY
     content = ui.messages("assistant").get_by_test_id("message-content")
-    expect(content).to_contain_text("<script>window.__pwned='sse'</script>")
-    expect(content).to_contain_text("<img src=x onerror=")
-    expect(content).to_contain_text("中文字符 ✓")
-    for sel in ("script", "img", "[onerror]", "a"):
+    expect(content).to_have_text("Hi <img src onerror=__pwned(1)><script>alert[2] 中文 ok")
+    expect(content.locator("strong")).to_have_text("ok")  # Markdown still works
+    expect(content).to_have_attribute("lang", "zh")
+    for sel in ("script", "img", "[onerror]", "a", "svg", "iframe"):
         assert content.locator(sel).count() == 0, sel
-    ui.wait_flag_unset()
+    ui.page.wait_for_timeout(300)
+    assert ui.page.evaluate("window.__hit") is None, "the model's markup ran"
 
 
 def test_error_messages_for_auth_overload_and_broken_streams(
@@ -701,7 +676,9 @@ def test_error_messages_for_auth_overload_and_broken_streams(
         return {"status": status, "content_type": "application/json", "body": json.dumps(body)}
 
     banner = ui.tid("error-banner")
-    responses.append(error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+    responses.append(
+        error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+    )
     ui.type_and_send("hello")
     expect(banner).to_have_attribute("data-kind", "auth")
     expect(ui.tid("error-text")).to_contain_text("API key")
@@ -719,13 +696,20 @@ def test_error_messages_for_auth_overload_and_broken_streams(
     err_chunk = {"error": {"message": "backend went away", "type": "server_error", "param": None,
                            "code": "backend_unavailable"}}  # fmt: skip
     responses.append(
-        {"status": 200, "content_type": "text/event-stream",
-         "body": sse(delta("Partial answer"), err_chunk)}  # fmt: skip
+        {
+            "status": 200,
+            "content_type": "text/event-stream",
+            "body": sse(delta("Partial answer"), err_chunk),
+        }  # fmt: skip
     )
     ui.tid("error-action").click()  # Retry
     expect(banner).to_have_attribute("data-kind", "unavailable")
-    expect(ui.messages("assistant").get_by_test_id("message-content")).to_have_text("Partial answer")
-    expect(ui.messages("assistant").get_by_test_id("message-note")).to_contain_text("backend went away")
+    expect(ui.messages("assistant").get_by_test_id("message-content")).to_have_text(
+        "Partial answer"
+    )
+    expect(ui.messages("assistant").get_by_test_id("message-note")).to_contain_text(
+        "backend went away"
+    )
 
     # A stream that just stops (no [DONE]) is reported, not silently accepted.
     responses.append(
@@ -758,7 +742,8 @@ def test_phone_width_and_keyboard(stack: Stack, make_ui: Callable[..., UI]) -> N
     # The same for browsers that only report keyCode 229 or isComposing on the event.
     ui.prompt.evaluate(
         """el => {
-          const a = new KeyboardEvent('keydown', {key: 'Enter', bubbles: true, cancelable: true, isComposing: true});
+          const a = new KeyboardEvent('keydown',
+              {key: 'Enter', bubbles: true, cancelable: true, isComposing: true});
           el.dispatchEvent(a);
           const b = new KeyboardEvent('keydown', {key: 'Enter', bubbles: true, cancelable: true});
           Object.defineProperty(b, 'keyCode', {value: 229});
@@ -804,3 +789,30 @@ def test_no_ui_flag_serves_no_page(stack: Stack) -> None:
         assert httpx.get(url + "/").status_code == 404
         assert httpx.get(url + "/static/app.js").status_code == 404
         assert httpx.get(url + "/v1/models").status_code == 200
+
+
+def test_error_banner_when_the_backend_is_down(stack: Stack, make_ui: Callable[..., UI]) -> None:
+    # Runs last: it stops the shared processes (a later test would get fresh ones).
+    ui = make_ui(stack.url)
+    ui.goto()
+    expect(ui.tid("model-select")).to_have_value(stack.model)
+    expect(ui.tid("error-banner")).to_be_hidden()
+
+    stack.stop_backend()
+    ui.type_and_send("Are you there?")
+    banner = ui.tid("error-banner")
+    expect(banner).to_be_visible(timeout=20_000)
+    expect(banner).to_have_attribute("data-kind", "unavailable")
+    expect(banner).to_have_attribute("data-status", "503")
+    expect(ui.tid("error-text")).to_contain_text("unavailable")
+    expect(ui.tid("error-action")).to_have_text("Retry")
+    # The question is kept, no empty answer is left behind, and the composer is usable again.
+    expect(ui.messages("user")).to_have_count(1)
+    expect(ui.messages("assistant")).to_have_count(0)
+    expect(ui.tid("send-button")).to_be_visible()
+
+    # With the bridge gone too, Retry reports a network error instead.
+    stack.stop_bridge()
+    ui.tid("error-action").click()
+    expect(banner).to_have_attribute("data-kind", "network")
+    expect(ui.tid("error-text")).to_contain_text("Cannot reach the server")
