@@ -791,6 +791,37 @@ def test_no_ui_flag_serves_no_page(stack: Stack) -> None:
         assert httpx.get(url + "/v1/models").status_code == 200
 
 
+def test_api_key_from_settings(stack: Stack, make_ui: Callable[..., UI]) -> None:
+    """A bridge that requires a key: the page says so, and works once the key is in Settings."""
+    key = "sk-ui-test-Zm9v"
+    with start_bridge(
+        "--backend", stack.server.target, "--drain-seconds", "1", env={"GLMSERVE_API_KEYS": key}
+    ) as bridge:
+        ui = make_ui(bridge.url)
+        ui.goto()
+        banner = ui.tid("error-banner")
+        expect(banner).to_have_attribute("data-kind", "auth")  # from GET /v1/models
+        expect(ui.tid("error-text")).to_contain_text("API key")
+        expect(ui.tid("model-select")).to_be_disabled()
+
+        ui.tid("error-action").click()
+        expect(ui.tid("settings-api-key")).to_be_focused()
+        ui.tid("settings-api-key").fill(key)
+        ui.save_settings()
+        expect(banner).to_be_hidden()
+        expect(ui.tid("model-select")).to_have_value(stack.model)
+
+        ui.type_and_send("hello with a key")
+        ui.wait_replies(1)
+        post = [r for r in ui.requests if r["method"] == "POST"][-1]
+        assert post["headers"]["authorization"] == f"Bearer {key}"
+
+        ui.page.reload()  # the key is remembered in this browser
+        expect(ui.tid("app")).to_have_attribute("data-ready", "true")
+        expect(ui.tid("model-select")).to_have_value(stack.model)
+        expect(banner).to_be_hidden()
+
+
 def test_error_banner_when_the_backend_is_down(stack: Stack, make_ui: Callable[..., UI]) -> None:
     # Runs last: it stops the shared processes (a later test would get fresh ones).
     ui = make_ui(stack.url)
