@@ -78,12 +78,17 @@ class ClientGone(APIError):
 
 
 def request_id_for(request: Request, completion_id: str) -> str:
-    """The caller's ``x-request-id`` when it is sane, else the completion id."""
+    """The caller's ``x-request-id`` when it is sane, else the completion id.
+
+    It travels as gRPC metadata and comes back as a response header, for log correlation. The
+    ChatRequest.request_id is always our own unique completion id: callers may reuse their ids,
+    and the server keys its work (and aborts) by request_id.
+    """
     incoming = request.headers.get("x-request-id", "")
     return incoming if _REQUEST_ID.match(incoming) else completion_id
 
 
-def grpc_requests(body: ChatCompletionRequest, request_id: str) -> list[chat_pb2.ChatRequest]:
+def grpc_requests(body: ChatCompletionRequest, completion_id: str) -> list[chat_pb2.ChatRequest]:
     """One ChatRequest per choice; choice i samples with seed + i so choices differ."""
     messages = [_message(m) for m in body.messages]
     requests = []
@@ -96,7 +101,7 @@ def grpc_requests(body: ChatCompletionRequest, request_id: str) -> list[chat_pb2
             frequency_penalty=body.frequency_penalty or 0.0,
             min_tokens=body.min_tokens or 0,
             ignore_eos=bool(body.ignore_eos),
-            request_id=request_id if body.choices == 1 else f"{request_id}-{i}",
+            request_id=completion_id if body.choices == 1 else f"{completion_id}-{i}",
         )
         if body.token_limit is not None:
             req.max_tokens = body.token_limit
@@ -254,7 +259,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     request_id = request_id_for(request, completion_id)
     model = await backend.served_model_id(body.model)
     calls = ChoiceCalls(
-        [backend.chat(r, r.request_id) for r in grpc_requests(body, request_id)],
+        [backend.chat(r, request_id) for r in grpc_requests(body, completion_id)],
         metrics,
         arrived=request.scope.get(START_KEY, time.perf_counter()),
         stream=bool(body.stream),
