@@ -68,7 +68,11 @@ def sample(
     penalties: PenaltyState | None = None,
     nan_guard_token_id: int | None = None,
 ) -> list[int]:
-    """Picks one token per row of ``logits`` ([B, V], any float dtype)."""
+    """Picks one token per row of ``logits`` ([B, V], any float dtype).
+
+    fp32 logits are modified in place (they are the step's own output; copying [B, V] every
+    step would cost more than the sampling itself).
+    """
     logits = logits.float()
     if nan_guard_token_id is not None:
         bad = ~torch.isfinite(logits).all(dim=-1)

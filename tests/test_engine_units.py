@@ -1,0 +1,135 @@
+"""Unit tests for the engine's text pipeline and sampler (no server)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from model_server.engine.detokenizer import IncrementalDetokenizer
+from model_server.engine.sampling import PenaltyState, RowSampling, sample
+from model_server.engine.stop import StopStringMatcher
+from model_server.engine.types import SamplingParams
+
+
+def feed_all(m: StopStringMatcher, pieces: list[str]) -> str:
+    out = "".join(m.feed(p) for p in pieces)
+    return out + m.flush()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_matcher_any_split(seed):
+    rng = random.Random(seed)
+    text = "The answer is 42. ### END ### and more"
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 10)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    m = StopStringMatcher(["###", "never"])
+    assert feed_all(m, pieces) == "The answer is 42. "
+    assert m.stopped
+
+
+def test_stop_matcher_holds_back_only_possible_prefixes():
+    m = StopStringMatcher(["</s>"])
+    assert m.feed("abc<") == "abc"
+    assert m.feed("/x") == "</x"  # not a stop after all: released
+    assert m.feed("<") == ""
+    assert m.flush() == "<"  # end of generation: held text is plain text
+    assert not m.stopped
+
+
+def test_stop_matcher_without_stops_is_a_passthrough():
+    m = StopStringMatcher([])
+    assert m.feed("a<") == "a<" and m.flush() == ""
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm_tokenizer):
+    from transformers import AutoTokenizer
+
+    from model_server.models.hf import HFTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(smollm_tokenizer))
+
+
+@pytest.mark.parametrize(
+    "text", ["你好，世界！今天天气很好。", "Hello  world\n\n  indented", "mixé 日本語 🎉 done"]
+)
+def test_detokenizer_streams_whole_characters(hf_tokenizer, text):
+    ids = hf_tokenizer.encode(text)
+    d = IncrementalDetokenizer(hf_tokenizer)
+    pieces = [d.push(i) for i in ids]
+    pieces.append(d.flush())
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == hf_tokenizer.decode(ids) == text
+    if not text.isascii():  # some tokens were partial characters, held back
+        assert any(p == "" for p in pieces[:-1])
+
+
+def rows(*params: SamplingParams, seed: int = 0) -> list[RowSampling]:
+    out = []
+    for p in params:
+        g = torch.Generator().manual_seed(seed)
+        out.append(RowSampling(p, None if p.greedy else g, 0))
+    return out
+
+
+def test_greedy_and_top_k_one_agree():
+    logits = torch.randn(3, 50)
+    greedy = sample(logits, rows(*[SamplingParams(max_tokens=1, temperature=0)] * 3), frozenset())
+    topk1 = sample(
+        logits, rows(*[SamplingParams(max_tokens=1, temperature=1.0, top_k=1)] * 3), frozenset()
+    )
+    assert greedy == topk1 == logits.argmax(-1).tolist()
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7)
+    seen = {sample(logits, rows(p, seed=s), frozenset())[0] for s in range(200)}
+    assert seen == {0, 1}
+
+
+def test_seeded_rows_are_independent_of_batch_neighbours():
+    logits = torch.randn(1, 100)
+    p = SamplingParams(max_tokens=1, temperature=1.0, seed=7)
+    alone = [sample(logits, rows(p, seed=7), frozenset())[0]]
+    other = SamplingParams(max_tokens=1, temperature=1.0)
+    batched = sample(
+        torch.cat([torch.randn(1, 100), logits]),
+        [rows(other, seed=99)[0], rows(p, seed=7)[0]],
+        frozenset(),
+    )
+    assert batched[1] == alone[0]
+
+
+def test_min_tokens_and_ignore_eos_suppress_eos():
+    logits = torch.full((2, 10), -5.0)
+    logits[:, 2] = 10.0  # eos is by far the best
+    params = [
+        SamplingParams(max_tokens=5, temperature=0, min_tokens=3),
+        SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+    ]
+    assert 2 not in sample(logits.clone(), rows(*params), frozenset({2}))
+    done = rows(SamplingParams(max_tokens=5, temperature=0, min_tokens=3))
+    done[0].num_generated = 3
+    assert sample(logits[:1], done, frozenset({2})) == [2]
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
+    state = PenaltyState([([], [0, 0])], 4, torch.device("cpu"))
+    freq = rows(SamplingParams(max_tokens=1, temperature=0, frequency_penalty=0.1))
+    assert sample(logits.clone(), freq, frozenset(), state) == [1]  # 2.0 - 0.2 < 1.9
+    rep = rows(SamplingParams(max_tokens=1, temperature=0, repetition_penalty=1.5))
+    assert sample(logits.clone(), rep, frozenset(), state) == [1]  # 2.0 / 1.5 < 1.9
+    state2 = PenaltyState([([1], [])], 4, torch.device("cpu"))  # prompt tokens count too
+    assert sample(torch.tensor([[1.0, 1.2, 0.0, 0.0]]), rep, frozenset(), state2) == [0]
+
+
+def test_nan_guard_picks_the_guard_token():
+    logits = torch.tensor([[float("nan"), 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]])
+    out = sample(
+        logits, rows(SamplingParams(max_tokens=1, temperature=0)), frozenset(), nan_guard_token_id=5
+    )
+    assert out == [5]

@@ -1,0 +1,62 @@
+"""The one interceptor: unexpected exceptions become INTERNAL; aborts pass through untouched."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from glmserve.v1 import chat_pb2, chat_pb2_grpc
+from model_server.interceptors import ExceptionInterceptor
+
+
+class Flaky(chat_pb2_grpc.ChatServiceServicer):
+    """Fails on purpose depending on the request, to exercise the interceptor."""
+
+    async def ListModels(self, request, context):
+        raise RuntimeError("boom in a unary handler")
+
+    async def Tokenize(self, request, context):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages: bad on purpose")
+
+    async def Chat(self, request, context):
+        yield chat_pb2.ChatResponse(text="partial")
+        if request.model == "explode":
+            raise KeyError("boom mid-stream")
+        yield chat_pb2.ChatResponse(text="!", finish_reason=chat_pb2.FINISH_REASON_STOP)
+
+
+@pytest.fixture
+async def stub():
+    server = grpc.aio.server(interceptors=[ExceptionInterceptor()])
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(Flaky(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        yield chat_pb2_grpc.ChatServiceStub(ch)
+    await server.stop(0)
+
+
+async def test_unary_exception_is_internal(stub, caplog):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListModels(chat_pb2.ListModelsRequest())
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "boom in a unary handler" in err.value.details()
+    assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
+
+
+async def test_abort_passes_through(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Tokenize(chat_pb2.TokenizeRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "messages: bad on purpose"
+
+
+async def test_stream_exception_is_internal_and_others_keep_working(stub):
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for msg in stub.Chat(chat_pb2.ChatRequest(model="explode")):
+            got.append(msg.text)
+    assert got == ["partial"]
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    texts = [m.text async for m in stub.Chat(chat_pb2.ChatRequest())]
+    assert texts == ["partial", "!"]
