@@ -35,16 +35,25 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         action="append",
+        default=argparse.SUPPRESS,
         metavar="TARGET",
         help="gRPC target of a model server; repeat it (or separate with commas) for several, "
         f"load-balanced round robin over the healthy ones [GLMSERVE_BACKEND] "
         f"(default: {DEFAULT_BACKEND})",
     )
-    p.add_argument("--host", default=e("HOST", "127.0.0.1"), help="address to bind [GLMSERVE_HOST]")
-    p.add_argument("--port", type=int, default=e("PORT", 8000), help="HTTP port [GLMSERVE_PORT]")
+    # BRIDGE_ in the names: GLMSERVE_HOST/PORT belong to the model server, often in one env.
+    p.add_argument(
+        "--host",
+        default=e("BRIDGE_HOST", "127.0.0.1"),
+        help="address to bind [GLMSERVE_BRIDGE_HOST]",
+    )
+    p.add_argument(
+        "--port", type=int, default=e("BRIDGE_PORT", 8000), help="HTTP port [GLMSERVE_BRIDGE_PORT]"
+    )
     p.add_argument(
         "--api-key",
         action="append",
+        default=argparse.SUPPRESS,
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on /v1 routes; repeatable "
         "[GLMSERVE_API_KEYS, comma-separated; prefer it: flags show up in ps]",
@@ -52,6 +61,7 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--cors-origin",
         action="append",
+        default=argparse.SUPPRESS,
         metavar="ORIGIN",
         help="allow browser calls from this origin (e.g. https://chat.example.com, or *); "
         "repeatable; none by default [GLMSERVE_CORS_ORIGINS, comma-separated]",
@@ -78,14 +88,14 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-seconds",
         type=float,
-        default=e("DRAIN_SECONDS", 30.0),
-        help="on SIGTERM, how long open requests may finish [GLMSERVE_DRAIN_SECONDS]",
+        default=e("BRIDGE_DRAIN_SECONDS", 30.0),
+        help="on SIGTERM, how long open requests may finish [GLMSERVE_BRIDGE_DRAIN_SECONDS]",
     )
     p.add_argument(
         "--log-level",
         default=e("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
-        help="[GLMSERVE_LOG_LEVEL]",
+        help="[GLMSERVE_LOG_LEVEL, shared with the model server]",
     )
     return p
 
@@ -96,11 +106,11 @@ def parse_settings(
     """Flags win over GLMSERVE_* variables, which win over the defaults."""
     env = os.environ if env is None else env
     ns = parser(env).parse_args(argv)
-    backends = [b for value in ns.backend or [] for b in _split(value)]
+    backends = [b for value in getattr(ns, "backend", []) for b in _split(value)]
     backends = backends or _split(env.get("GLMSERVE_BACKEND")) or [DEFAULT_BACKEND]
-    api_keys = [k for value in ns.api_key or [] for k in _split(value)]
+    api_keys = [k for value in getattr(ns, "api_key", []) for k in _split(value)]
     api_keys = api_keys or _split(env.get("GLMSERVE_API_KEYS"))
-    origins = [o for value in ns.cors_origin or [] for o in _split(value)]
+    origins = [o for value in getattr(ns, "cors_origin", []) for o in _split(value)]
     origins = origins or _split(env.get("GLMSERVE_CORS_ORIGINS"))
     return Settings(
         backends=tuple(backends),

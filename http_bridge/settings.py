@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_BACKEND = "127.0.0.1:50051"
-DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 DEFAULT_REQUEST_TIMEOUT = 600.0
 
 

@@ -120,7 +120,8 @@ def test_flags_and_env_fallbacks() -> None:
         "GLMSERVE_BACKEND": "127.0.0.1:1,127.0.0.1:2",
         "GLMSERVE_API_KEYS": "k1, k2",
         "GLMSERVE_CORS_ORIGINS": "http://a.test",
-        "GLMSERVE_PORT": "9001",
+        "GLMSERVE_BRIDGE_PORT": "9001",
+        "GLMSERVE_PORT": "50099",  # the model server's: not ours
         "GLMSERVE_REQUEST_TIMEOUT": "12.5",
         "GLMSERVE_MAX_REQUEST_BYTES": "1234",
         "GLMSERVE_NO_UI": "1",
