@@ -211,6 +211,13 @@ class UI:
         self.tid("settings-save").click()
         expect(self.tid("settings-dialog")).to_be_hidden()
 
+    def shot(self, name: str) -> None:
+        """An extra screenshot of an intermediate state (the final one is taken anyway)."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(
+            path=str(ARTIFACTS / f"ui-{name}.png"), full_page=True, animations="disabled"
+        )
+
     def wait_flag_unset(self, ms: int = 400) -> None:
         """Gives event handlers time to run, then checks none of the payloads ever ran."""
         self.page.wait_for_timeout(ms)
@@ -263,7 +270,11 @@ def make_ui(chromium: Any, request: pytest.FixtureRequest) -> Iterator[Callable[
     for i, (ctx, ui) in enumerate(made):
         try:
             suffix = f"-{i}" if i else ""
-            ui.page.screenshot(path=str(ARTIFACTS / f"ui-{name}{suffix}.png"), full_page=True)
+            ui.page.screenshot(
+                path=str(ARTIFACTS / f"ui-{name}{suffix}.png"),
+                full_page=True,
+                animations="disabled",
+            )
         except Exception:  # noqa: BLE001 - a screenshot must never hide the test's own result
             pass
         problems += ui.errors
@@ -767,6 +778,7 @@ def test_phone_width_and_keyboard(stack: Stack, make_ui: Callable[..., UI]) -> N
     assert ui.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     ui.tid("toggle-sidebar").click()
     expect(ui.conversations()).to_have_count(1)
+    ui.shot("phone-drawer-open")
     ui.tid("conversation-open").click()  # choosing a conversation closes the drawer
     expect(sidebar).not_to_be_in_viewport()
 
@@ -841,6 +853,7 @@ def test_error_banner_when_the_backend_is_down(stack: Stack, make_ui: Callable[.
     expect(ui.messages("user")).to_have_count(1)
     expect(ui.messages("assistant")).to_have_count(0)
     expect(ui.tid("send-button")).to_be_visible()
+    ui.shot("backend-down-503")
 
     # With the bridge gone too, Retry reports a network error instead.
     stack.stop_bridge()
