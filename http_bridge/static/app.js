@@ -583,9 +583,8 @@ function buildRequest(conv) {
     if (m.role === 'assistant' && !m.content) continue;
     messages.push({ role: m.role, content: m.content });
   }
-  const body = { messages };
-  const model = effectiveModel() || conv.model;
-  if (model) body.model = model;
+  // `model` is required by the API; "" asks for the served model when the list is unknown.
+  const body = { model: effectiveModel() || conv.model || '', messages };
   if (s.temperature !== '' && Number.isFinite(Number(s.temperature))) body.temperature = Number(s.temperature);
   if (s.maxTokens !== '' && Number.isInteger(Number(s.maxTokens))) body.max_tokens = Number(s.maxTokens);
   return body;
