@@ -90,8 +90,9 @@ class ChatMessage(_Strict):
     # A string, or a list of {"type": "text", "text": ...} parts; validated below.
     content: Any = Field(default=None, validate_default=True)
     name: str | None = None
-    # Assistant-message fields that only exist with tools/audio: accepted only when null.
+    # Fields of an earlier assistant reply (SDKs echo them back): accepted only when empty.
     refusal: None = None
+    annotations: Any = None
     tool_calls: Any = None
     function_call: Any = None
     audio: Any = None
@@ -155,7 +156,7 @@ class ChatMessage(_Strict):
         # Same joining rule as vLLM: parts are separate paragraphs of one message.
         return "\n".join(texts)
 
-    @field_validator("tool_calls", "function_call", "audio")
+    @field_validator("annotations", "tool_calls", "function_call", "audio")
     @classmethod
     def _assistant_extras(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None or value == []:

@@ -130,6 +130,13 @@ def test_non_stream(client: openai.OpenAI, model_id: str) -> None:
     assert usage is not None and usage.prompt_tokens > 0
     assert usage.completion_tokens == 6 or choice.finish_reason == "stop"
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # The SDK's own message object goes back into the conversation as-is.
+    follow_up = client.chat.completions.create(
+        model=model_id,
+        messages=[*HI, choice.message, {"role": "user", "content": "And?"}],
+        max_tokens=2,
+    )
+    assert follow_up.usage is not None and follow_up.usage.prompt_tokens > usage.prompt_tokens
 
 
 def test_same_seed_same_reply(client: openai.OpenAI, model_id: str) -> None:

@@ -249,3 +249,9 @@ def test_static_page_and_no_ui(tmp_path: Path) -> None:
     with TestClient(create_app(no_ui, static_dir=tmp_path)) as c:
         assert c.get("/").status_code == 404
         assert c.get("/static/app.js").status_code == 404
+
+
+def test_openapi_schema_builds(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"]
+    assert "ChatCompletionRequest" in schema["components"]["schemas"]
