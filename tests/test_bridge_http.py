@@ -145,6 +145,7 @@ def test_backend_down_is_503_with_retry_allowed(client: TestClient) -> None:
     assert r.status_code == 503
     _assert_envelope(r.json(), code="backend_unavailable")
     assert r.headers["x-should-retry"] == "true"  # nothing ran: retrying is safe
+    assert r.headers["x-request-id"].startswith("chatcmpl-")
     r = client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True})
     assert r.status_code == 503  # a stream fails before its 200 too
     assert r.headers["content-type"].startswith("application/json")

@@ -276,7 +276,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     except BaseException as err:
         calls.cancel()
         if isinstance(err, Exception):
-            raise calls.error(err) from err
+            api_error = calls.error(err)
+            api_error.extra_headers.update(headers)
+            raise api_error from err
         raise
 
     if body.stream:
