@@ -646,6 +646,34 @@ def test_markdown_renderer_neutralises_hostile_input(
     }
 
 
+def test_sse_parser_and_utf8_decoding(stack: Stack, make_ui: Callable[..., UI]) -> None:
+    """api.js's SSE parser: any chunking, CRLF/CR/LF, multi-line data, comments, split UTF-8."""
+    ui = make_ui(stack.url)
+    ui.goto()
+    result = ui.page.evaluate(
+        """async () => {
+          const api = await import(new URL('static/api.js', location.href).href);
+          const text = ': keep-alive\\r\\ndata: {"a":"你好"}\\r\\n\\r\\nevent: x\\ndata: l1\\n'
+                     + 'data: l2\\n\\ndata: [DONE]\\r\\rdata: tail';
+          const bytes = new TextEncoder().encode(text);
+          const runs = [];
+          for (const size of [1, 2, 3, 5, 7, bytes.length]) {
+            const p = new api.SSEParser();
+            const d = new TextDecoder('utf-8');
+            const out = [];
+            for (let i = 0; i < bytes.length; i += size) {
+              out.push(...p.push(d.decode(bytes.subarray(i, i + size), {stream: true})));
+            }
+            out.push(...p.push(d.decode()), ...p.end());
+            runs.push(out);
+          }
+          return runs;
+        }"""
+    )
+    expected = ['{"a":"你好"}', "l1\nl2", "[DONE]", "tail"]
+    assert all(run == expected for run in result), result
+
+
 def test_hostile_assistant_reply_renders_as_text(stack: Stack, make_ui: Callable[..., UI]) -> None:
     """The real model, decoding greedily, replies with HOSTILE_REPLY (<img onerror>, <script>)."""
     ui = make_ui(stack.url, max_tokens=64, bypass_csp=True)
