@@ -91,12 +91,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def child(directory: str, dtype_name: str, forward: bool) -> None:
+def child(directory: str, dtype_name: str, forward: bool, no_release: bool) -> None:
     """Runs in the child: load, then print one JSON line with timings and RSS figures."""
     import psutil
     import torch
 
-    from model_server.models.chatglm2 import load_chatglm2
+    from model_server.models.chatglm2 import load_chatglm2, pages
+
+    if no_release:  # for comparison: keep each shard's mmap'd pages until the shard is done
+        pages.release = lambda tensor, mappings: 0
 
     proc = psutil.Process()
     baseline = proc.memory_info().rss
@@ -125,6 +128,7 @@ def child(directory: str, dtype_name: str, forward: bool) -> None:
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "dtype": str(loaded.dtype),
         "params": sum(p.numel() for p in loaded.model.parameters()),
+        "page_release": not no_release,
     }
     if forward:
         t1 = time.perf_counter()
@@ -154,14 +158,19 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="load an already written --dir")
     ap.add_argument("--forward", action="store_true", help="also run one 3-token forward")
     ap.add_argument("--num-layers", type=int, default=28, help="fewer for a quick dry run")
+    ap.add_argument(
+        "--no-release", action="store_true", help="disable pages.release (for comparison)"
+    )
     ap.add_argument("--json", type=Path, help="also write the result JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.dtype, args.forward)
+        child(args.child, args.dtype, args.forward, args.no_release)
         return
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="chatglm2-6b-random-"))
+    if args.reuse and not (directory / "pytorch_model.bin.index.json").is_file():
+        sys.exit(f"--reuse: no checkpoint in {directory}")
     try:
         if not args.reuse:
             print(f"writing a random ChatGLM2-6B checkpoint to {directory} ...")
@@ -173,6 +182,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(directory), "--dtype", args.dtype]
         if args.forward:
             cmd.append("--forward")
+        if args.no_release:
+            cmd.append("--no-release")
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
@@ -213,6 +224,7 @@ def main() -> None:
         ("peak / model bytes", f"{res['ratio_peak_vs_model']:.3f} (target < {TARGET_RATIO})"),
         ("(peak - before) / model", f"{res['ratio_load_increment_vs_model']:.3f}"),
         ("page cache dropped first", str(cold)),
+        ("mmap pages given back", str(res["page_release"])),
     ]
     if "forward_s" in res:
         rows.append(("3-token forward", f"{res['forward_s']} s, finite={res['logits_finite']}"))
