@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -37,7 +38,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_stream:
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             inner_us = handler.unary_stream
 
             async def unary_stream(request, context):  # noqa: ANN001
@@ -49,6 +50,20 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            # Coroutine-style streaming handlers (grpc_health's Watch) write with
+            # ``context.write()`` and return nothing; iterating them would be a bug.
+            inner_uw = handler.unary_stream
+
+            async def unary_stream_writer(request, context):  # noqa: ANN001
+                try:
+                    await inner_uw(request, context)
+                except Exception as exc:  # noqa: BLE001
+                    await _internal(method, context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writer, handler.request_deserializer, handler.response_serializer
             )
         return handler
 

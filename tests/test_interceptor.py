@@ -60,3 +60,26 @@ async def test_stream_exception_is_internal_and_others_keep_working(stub):
     assert err.value.code() == grpc.StatusCode.INTERNAL
     texts = [m.text async for m in stub.Chat(chat_pb2.ChatRequest())]
     assert texts == ["partial", "!"]
+
+
+async def test_coroutine_streaming_handler_works_through_interceptor():
+    """grpc_health's Watch writes with context.write(); the interceptor must not iterate it."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server(interceptors=[ExceptionInterceptor()])
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+            first = await call.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            second = await call.read()
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            call.cancel()
+    finally:
+        await server.stop(0)

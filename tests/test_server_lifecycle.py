@@ -106,7 +106,10 @@ def test_grpcurl_lists_describes_and_streams(scripted_model_dir):
             obj, i = decoder.raw_decode(res, i)
             msgs.append(obj)
         assert "".join(m.get("text", "") for m in msgs) == SCRIPT
-        assert msgs[-1]["finishReason"] == "FINISH_REASON_STOP"
-        assert int(msgs[-1]["usage"]["completionTokens"]) > 5
+        # grpcurl prints proto field names (older releases printed lowerCamel JSON names).
+        last = {k.replace("_", "").lower(): v for k, v in msgs[-1].items()}
+        usage = {k.replace("_", "").lower(): v for k, v in last["usage"].items()}
+        assert last["finishreason"] == "FINISH_REASON_STOP"
+        assert int(usage["completiontokens"]) > 5
     finally:
         p.stop()
