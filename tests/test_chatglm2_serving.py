@@ -102,9 +102,7 @@ def test_batched_equals_solo(stub):
     solo = [greedy(stub, q, 16)[1] for q in QUESTIONS]
     with ThreadPoolExecutor(len(QUESTIONS) * 2) as pool:
         # Every prompt twice, with different lengths joining and leaving mid-way.
-        futures = [
-            pool.submit(greedy, stub, q, n) for q in QUESTIONS for n in (16, 5)
-        ]
+        futures = [pool.submit(greedy, stub, q, n) for q in QUESTIONS for n in (16, 5)]
         batched = [f.result()[1] for f in futures]
     for i, ids in enumerate(solo):
         assert batched[2 * i] == ids
