@@ -207,6 +207,9 @@ class Engine:
         ids = set()
         while self._aborts:
             ids.add(self._aborts.popleft())
+        # A request is submitted before it can be aborted: taking the inbox after draining the
+        # aborts guarantees every aborted request is visible below (none slips through).
+        self._take_inbox()
         for seq in [s for s in self._waiting if s.request_id in ids]:
             self._waiting.remove(seq)
             with self._lock:

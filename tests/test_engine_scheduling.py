@@ -1,0 +1,169 @@
+"""Scheduling over real gRPC: the KV budget, cancellation freeing cache, and a long mixed soak.
+
+All against the installed ``model-server`` on loopback serving the tiny random Llama.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_client import chat_request, collect
+from procs import Proc, start_model_server
+
+from glmserve.v1 import chat_pb2, chat_pb2_grpc
+
+BUDGET = 300  # KV-cache tokens: prompt + max_tokens summed over running requests
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        time.sleep(0.05)
+
+
+def idle(server: Proc) -> bool:
+    m = server.metrics()
+    return (
+        m["glmserve_requests_running"] == 0
+        and m["glmserve_requests_waiting"] == 0
+        and m["glmserve_kv_cache_tokens"] == 0
+        and m["glmserve_kv_cache_usage_ratio"] == 0
+    )
+
+
+@pytest.fixture(scope="module")
+def budgeted(tiny_model_dir: Path) -> Iterator[Proc]:
+    with start_model_server(str(tiny_model_dir), "--max-num-batched-tokens", str(BUDGET)) as server:
+        yield server
+
+
+def test_request_that_can_never_fit_is_invalid_argument(budgeted):
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(budgeted.target))
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Chat(chat_request("hello", max_tokens=BUDGET), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(BUDGET) in err.value.details() and "max_tokens" in err.value.details()
+    assert idle(budgeted)
+
+
+def test_request_that_fits_later_waits_then_runs(budgeted):
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(budgeted.target))
+    first = stub.Chat(chat_request("first", max_tokens=200, ignore_eos=True, temperature=0))
+    next(first)
+    second = stub.Chat(chat_request("second", max_tokens=100, ignore_eos=True, temperature=0))
+    # Alone it fits; next to the first it does not: it waits rather than failing.
+    wait_until(lambda: budgeted.metrics()["glmserve_requests_waiting"] == 1, what="waiting=1")
+    assert budgeted.metrics()["glmserve_requests_running"] == 1
+    first_rest = list(first)
+    assert first_rest[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
+    _, msgs = collect(second)
+    assert msgs[-1].usage.completion_tokens == 100
+    wait_until(lambda: idle(budgeted), what="idle")
+
+
+def test_cancel_frees_slot_and_cache_at_once(budgeted):
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(budgeted.target))
+    call = stub.Chat(chat_request("go", max_tokens=250, ignore_eos=True, temperature=0))
+    next(call)
+    m = budgeted.metrics()
+    assert m["glmserve_kv_cache_tokens"] > 0 and m["glmserve_kv_cache_usage_ratio"] > 0.5
+    # A second request of the same size only fits once the first has let go of its share.
+    waiting = stub.Chat(chat_request("next", max_tokens=250, ignore_eos=True, temperature=0))
+    wait_until(lambda: budgeted.metrics()["glmserve_requests_waiting"] == 1, what="waiting=1")
+    call.cancel()
+    first = next(waiting)  # admitted as soon as the cancelled request left
+    assert first.token_ids
+    waiting.cancel()
+    wait_until(lambda: idle(budgeted), timeout=5, what="gauges back to 0")
+
+
+PROMPTS = [
+    "Hi",
+    "Tell me about the sea",
+    "一二三四五六七八九十 count on please",
+    "A much longer prompt that goes on about many things " * 6,
+]
+MAX_TOKENS = 16
+
+
+async def _one(
+    stub: chat_pb2_grpc.ChatServiceStub, prompt: str, max_tokens: int, cancel_after: int | None
+) -> list[int] | None:
+    """Runs a greedy request; cancels it after ``cancel_after`` messages (None: never)."""
+    call = stub.Chat(chat_request(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    ids: list[int] = []
+    seen = 0
+    try:
+        async for msg in call:
+            if cancel_after is not None and seen >= cancel_after:
+                call.cancel()
+                return None
+            ids += msg.token_ids
+            seen += 1
+    except asyncio.CancelledError:
+        return None
+    if cancel_after is not None and seen >= cancel_after:
+        return None  # finished before we got round to cancelling
+    return ids
+
+
+def test_soak_mixed_requests_with_random_cancels(tiny_model_dir):
+    """A few hundred requests, a quarter cancelled at random points: no cross-talk (every
+    completed reply equals its solo greedy reply), no starvation (all finish), gauges back to
+    0 and memory back near its baseline."""
+    rng = random.Random(1234)
+    with start_model_server(str(tiny_model_dir), "--max-num-seqs", "16") as server:
+        rss = psutil.Process(server.proc.pid)
+
+        async def run() -> None:
+            async with grpc.aio.insecure_channel(server.target) as ch:
+                stub = chat_pb2_grpc.ChatServiceStub(ch)
+                solo = {p: await _one(stub, p, MAX_TOKENS, None) for p in PROMPTS}
+                # Warm-up round so allocator pools and caches settle before the baseline.
+                await asyncio.gather(*(_one(stub, p, MAX_TOKENS, None) for p in PROMPTS * 8))
+                baseline = rss.memory_info().rss
+
+                plan = []
+                for _ in range(320):
+                    prompt = rng.choice(PROMPTS)
+                    n = rng.randint(1, MAX_TOKENS)
+                    cancel = rng.choice([None, None, None, rng.randint(0, 4)])
+                    plan.append((prompt, n, cancel))
+                sem = asyncio.Semaphore(24)
+
+                async def bounded(prompt: str, n: int, cancel: int | None):
+                    async with sem:
+                        await asyncio.sleep(rng.random() * 0.01)
+                        return await _one(stub, prompt, n, cancel)
+
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(bounded(*p) for p in plan)), timeout=240
+                )
+                completed = 0
+                for (prompt, n, _), ids in zip(plan, results, strict=True):
+                    if ids is not None:
+                        assert ids == solo[prompt][:n], "a reply differs from its solo run"
+                        completed += 1
+                assert completed > 150
+
+                await asyncio.to_thread(wait_until, lambda: idle(server), 10, "idle")
+                grown = rss.memory_info().rss - baseline
+                assert grown < 64 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB over the soak"
+                # After the soak the server still answers like on its first request.
+                assert await _one(stub, PROMPTS[1], MAX_TOKENS, None) == solo[PROMPTS[1]]
+
+        asyncio.run(run())
+        m = server.metrics()
+        finished = sum(v for k, v in m.items() if k.startswith("glmserve_requests_total"))
+        # solo + warm-up + soak + the last check: every request accounted for exactly once.
+        assert finished == len(PROMPTS) + len(PROMPTS) * 8 + 320 + 1
+        assert server.log_text().count("request done") == finished
+        assert m['glmserve_requests_total{finish_reason="aborted"}'] > 30
