@@ -6,6 +6,9 @@ a real server cannot be made to produce on demand (a hostile *assistant* reply, 
 responses, an error chunk mid-stream) are served to the page with Playwright's request routing;
 the page itself still comes from the real bridge.
 
+One test runs the embedded default model (SmolLM2) the way a person would after `make serve`:
+a multi-turn conversation, Stop, reload.
+
 Chromium: /usr/bin/chromium (apt-get install -y chromium); Playwright never downloads one.
 Every test leaves a screenshot in tests/artifacts/ (git-ignored), pass or fail.
 """
@@ -888,3 +891,62 @@ def test_error_banner_when_the_backend_is_down(stack: Stack, make_ui: Callable[.
     ui.tid("error-action").click()
     expect(banner).to_have_attribute("data-kind", "network")
     expect(ui.tid("error-text")).to_contain_text("Cannot reach the server")
+
+
+def test_default_model_multi_turn_stop_and_reload(make_ui: Callable[..., UI]) -> None:
+    """What a person does after `make serve`: chat with the embedded default model over several
+    turns, stop an answer, reload, and find the conversation intact."""
+    server = spawn_model_server("smollm2-135m-instruct", timeout=300)
+    bridge = spawn_bridge("--backend", server.target, "--drain-seconds", "1")
+    stack = Stack(Path("smollm2-135m-instruct"))
+    stack.server, stack.bridge = server, bridge
+    try:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{bridge.url}/v1/models", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "bridge never reached the model server"
+            time.sleep(0.05)
+        ui = make_ui(bridge.url, max_tokens=None)
+        ui.goto()
+        expect(ui.tid("model-select")).to_have_value("smollm2-135m-instruct")
+        ui.open_settings()
+        ui.tid("settings-temperature").fill("0")
+        ui.tid("settings-max-tokens").fill("24")
+        ui.save_settings()
+
+        ui.type_and_send("What is the capital of France?")
+        ui.wait_replies(1, timeout=60_000)
+        expect(ui.messages("assistant").nth(0)).to_contain_text("Paris")
+        ui.type_and_send("And what is the capital of Germany?")
+        ui.wait_replies(2, timeout=60_000)
+        body = json.loads(ui.requests[-1]["body"])
+        assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+        assert "Paris" in body["messages"][1]["content"]
+
+        ui.open_settings()
+        ui.tid("settings-max-tokens").fill("1000")
+        ui.save_settings()
+        ui.type_and_send("Write a very long story about a dragon who learns to bake bread.")
+        streaming = ui.page.locator(
+            "[data-testid=message][data-streaming=true] [data-testid=message-content]"
+        )
+        expect(streaming).not_to_have_text("", timeout=60_000)
+        ui.tid("stop-button").click()
+        ui.wait_replies(3)
+        expect(ui.messages("assistant").nth(2).get_by_test_id("message-note")).to_have_text(
+            "Stopped."
+        )
+        deadline = time.monotonic() + 10
+        while stack.requests_running() != 0:
+            assert time.monotonic() < deadline, "generation kept running after Stop"
+            time.sleep(0.05)
+        before = [t.strip() for t in ui.page.get_by_test_id("message-content").all_inner_texts()]
+
+        ui.page.reload()
+        expect(ui.tid("app")).to_have_attribute("data-ready", "true")
+        expect(ui.messages()).to_have_count(6)
+        after = [t.strip() for t in ui.page.get_by_test_id("message-content").all_inner_texts()]
+        assert after == before
+        expect(ui.messages("assistant").nth(0)).to_contain_text("Paris")
+    finally:
+        bridge.stop()
+        server.stop()
