@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 GRPC_PORT=${GLMSERVE_PORT:-50051}
 
-$BIN/model-server --port "$GRPC_PORT" ${MODEL_SERVER_ARGS:-} &
+# Each line is labelled with its process; $! stays the process itself (not the labeller).
+label() { sed -u "s/^/[$1] /"; }
+$BIN/model-server --port "$GRPC_PORT" ${MODEL_SERVER_ARGS:-} > >(label model-server) 2>&1 &
 server=$!
-$BIN/http-bridge --backend "127.0.0.1:$GRPC_PORT" ${BRIDGE_ARGS:-} &
+$BIN/http-bridge --backend "127.0.0.1:$GRPC_PORT" ${BRIDGE_ARGS:-} > >(label http-bridge) 2>&1 &
 bridge=$!
 
 stop() {

