@@ -1,0 +1,206 @@
+"""The benchmark's output: the table, the target checks, and the JSON files.
+
+Everything here works on the plain result dict that ``bench.run`` builds (and writes as JSON),
+so it can be checked on a fixed fake result without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+Result = dict[str, Any]
+Row = dict[str, Any]
+
+
+def find_row(result: Result, kind: str, concurrency: int | None = None) -> Row | None:
+    """The first row of ``kind`` (bridge, grpc) at ``concurrency``, or named ``kind`` (HF)."""
+    for row in result.get("rows", []):
+        if concurrency is not None:
+            if row.get("kind") == kind and row.get("concurrency") == concurrency:
+                return row
+        elif row.get("name") == kind or row.get("name", "").startswith(kind):
+            return row
+    return None
+
+
+def _ok(row: Row | None, key: str) -> float | None:
+    if row is None or row.get("error") or row.get(key) is None:
+        return None
+    return float(row[key])
+
+
+def _check(name: str, measured: str, ratio: float | None, passed: bool | None) -> dict[str, Any]:
+    status = "N/A" if passed is None else ("PASS" if passed else "MISS")
+    return {"target": name, "measured": measured, "ratio": ratio, "status": status}
+
+
+def targets(result: Result) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured figures, a ratio and PASS / MISS / N/A."""
+    c1 = find_row(result, "bridge", 1)
+    c16 = find_row(result, "bridge", 16)
+    c64 = find_row(result, "bridge", 64)
+    g1 = find_row(result, "grpc", 1)
+    static = find_row(result, "HF static batch")
+    out = []
+
+    a, b = _ok(c16, "tok_s"), _ok(c1, "tok_s")
+    ratio = a / b if a is not None and b else None
+    out.append(
+        _check(
+            "bridge c=16 tok/s >= 6x bridge c=1 tok/s",
+            f"{_f(a)} vs {_f(b)} tok/s",
+            ratio,
+            None if ratio is None else ratio >= 6.0,
+        )
+    )
+
+    s = _ok(static, "tok_s")
+    ratio = a / s if a is not None and s else None
+    label = static["name"] if static else "HF static batch 16"
+    out.append(
+        _check(
+            f"bridge c=16 tok/s >= 1.0x {label} tok/s",
+            f"{_f(a)} vs {_f(s)} tok/s",
+            ratio,
+            None if ratio is None else ratio >= 1.0,
+        )
+    )
+
+    p95, p50 = _ok(c16, "ttft_p95"), _ok(c1, "ttft_p50")
+    prefill = result.get("prefill_longest") or {}
+    pf = prefill.get("seconds")
+    if p95 is not None and p50 is not None and pf is not None:
+        limit = 2 * p50 + pf
+        out.append(
+            _check(
+                "TTFT p95 at c=16 <= 2 x TTFT p50 at c=1 + one prefill of the longest prompt",
+                f"{_ms(p95)} vs 2 x {_ms(p50)} + {_ms(pf)} ({prefill.get('source', '?')}) "
+                f"= {_ms(limit)}",
+                p95 / limit,
+                p95 <= limit,
+            )
+        )
+    else:
+        out.append(_check("TTFT p95 at c=16 <= 2 x TTFT(c=1) + prefill", "missing", None, None))
+
+    g = _ok(g1, "tok_s")
+    ratio = b / g if b is not None and g else None
+    out.append(
+        _check(
+            "bridge c=1 tok/s >= 0.95x gRPC c=1 tok/s",
+            f"{_f(b)} vs {_f(g)} tok/s",
+            ratio,
+            None if ratio is None else ratio >= 0.95,
+        )
+    )
+
+    server = result.get("server") or {}
+    before, after = server.get("rss_before_c64"), server.get("rss_after_c64")
+    bound = server.get("rss_bound_c64")
+    if c64 is not None and before and after and bound:
+        errors = int(c64.get("errors", 0))
+        out.append(
+            _check(
+                "c=64: zero errors, server RSS bounded",
+                f"{errors} errors in {c64.get('requests')} requests; RSS {_mib(before)} before, "
+                f"{_mib(after)} after (peak {_mib(server.get('rss_peak_c64'))}, "
+                f"bound {_mib(bound)})",
+                after / before,
+                errors == 0 and after <= bound,
+            )
+        )
+    else:
+        out.append(_check("c=64: zero errors, server RSS bounded", "not run", None, None))
+
+    running, waiting = server.get("requests_running_end"), server.get("requests_waiting_end")
+    if running is not None and waiting is not None:
+        out.append(
+            _check(
+                "at the end glmserve_requests_running = glmserve_requests_waiting = 0",
+                f"running {running:g}, waiting {waiting:g}",
+                None,
+                running == 0 and waiting == 0,
+            )
+        )
+    return out
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.0f} ms"
+
+
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.0f} MiB"
+
+
+def _cell_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.0f}"
+
+
+COLUMNS = ("run", "requests", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "errors")
+
+
+def table(result: Result) -> str:
+    """A Markdown table, one row per run (latencies in ms)."""
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|",
+    ]
+    for row in result.get("rows", []):
+        if row.get("error"):
+            cells = [row["name"], "-", "failed", "-", "-", "-", "-", "-"]
+        else:
+            cells = [
+                row["name"],
+                str(row.get("requests", "-")),
+                f"{row['tok_s']:.1f}",
+                _cell_ms(row.get("ttft_p50")),
+                _cell_ms(row.get("ttft_p95")),
+                _cell_ms(row.get("itl_p50")),
+                _cell_ms(row.get("itl_p95")),
+                str(row.get("errors", 0)),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_text(checks: list[dict[str, Any]]) -> str:
+    lines = []
+    for c in checks:
+        ratio = "" if c["ratio"] is None else f" (ratio {c['ratio']:.2f})"
+        lines.append(f"[{c['status']}] {c['target']}: {c['measured']}{ratio}")
+    return "\n".join(lines)
+
+
+def render(result: Result) -> str:
+    """Everything printed at the end of a run."""
+    m = result.get("machine", {})
+    parts = [
+        table(result),
+        "",
+        f"latencies in ms; machine: {m.get('cpu_model', '?')}, {m.get('cpu_count', '?')} CPUs, "
+        f"torch {m.get('torch', '?')} on {m.get('device', '?')}; load average "
+        f"{m.get('loadavg_start', '?')} at start, {m.get('loadavg_end', '?')} at the end",
+    ]
+    errors = [r for r in result.get("rows", []) if r.get("error")]
+    parts += [f"{r['name']} failed: {r['error']}" for r in errors]
+    parts += ["", "targets:", targets_text(result.get("targets", []))]
+    return "\n".join(parts)
+
+
+def write(result: Result, out_dir: Path) -> tuple[Path, Path]:
+    """Writes ``latest.json`` and a timestamped copy into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, sort_keys=False) + "\n"
+    latest = out_dir / "latest.json"
+    stamped = out_dir / time.strftime("%Y%m%d-%H%M%S.json", time.localtime())
+    latest.write_text(text)
+    stamped.write_text(text)
+    return latest, stamped

@@ -1,0 +1,283 @@
+"""``python -m bench.run`` (``make bench``): the serving benchmark, end to end.
+
+1. Starts a real ``model-server`` (with ``--metrics-port``) and ``http-bridge`` on free ports.
+2. Drives the bridge with the openai SDK (streaming) at each concurrency level, and gRPC
+   directly at concurrency 1; samples the server's RSS around the c=64 level and reads its
+   queue gauges at the end.
+3. Stops both, then runs the transformers baselines in a separate process
+   (``python -m bench.baselines``) on the same prompts, lengths and weights.
+4. Prints the table and the target checks, and writes ``latest.json`` plus a timestamped copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from openai import AsyncOpenAI
+
+from glmserve.v1 import chat_pb2, chat_pb2_grpc
+
+from . import report
+from .baselines import MARKER
+from .load import bridge_request_fn, grpc_request_fn, run_level, summarize
+from .prompts import longest, prompts
+from .stack import Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+RSS_LEVEL = 64
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "?"
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model or platform.processor(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "transformers": importlib.metadata.version("transformers"),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def requests_for(concurrency: int, quick: bool) -> int:
+    """Requests sent at one level: two full waves (at least 8); quick: one (at least 2)."""
+    return max(concurrency, 2) if quick else max(2 * concurrency, 8)
+
+
+def kv_bytes_per_token(model: str | None, dtype: str) -> int | None:
+    """KV-cache bytes per token from the checkpoint's config.json (best effort)."""
+    try:
+        if model is None:
+            from model_server.models.gguf import cache_root, embedded_gguf_path
+
+            found = sorted(cache_root().glob(embedded_gguf_path().stem + "-*/config.json"))
+            config_file = found[-1]
+        else:
+            config_file = Path(model).expanduser() / "config.json"
+        cfg = json.loads(config_file.read_text())
+        cfg = cfg.get("text_config", cfg)
+        layers = cfg.get("num_hidden_layers") or cfg["num_layers"]
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or cfg.get("multi_query_group_num") or heads
+        head_dim = cfg.get("head_dim") or cfg.get("kv_channels") or cfg["hidden_size"] // heads
+    except (OSError, KeyError, IndexError, ValueError, ImportError):
+        return None
+    itemsize = 4 if "32" in dtype else 2
+    return int(layers) * 2 * int(kv_heads) * int(head_dim) * itemsize
+
+
+async def _rss_sampler(stack: Stack, peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            peak[0] = max(peak[0], stack.server_rss())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
+async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """All load levels against the running stack; fills result rows and server figures."""
+    channel = grpc.aio.insecure_channel(stack.grpc_target)
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    info = (await stub.ListModels(chat_pb2.ListModelsRequest())).models[0]
+    result["machine"]["device"] = info.device
+    result["model"] = {"id": info.id, "source": info.source, "dtype": info.dtype}
+    client = AsyncOpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=900)
+    bridge = bridge_request_fn(client, info.id, args.max_tokens)
+    server: dict[str, Any] = {"load_s": stack.load_seconds, "kv_cache_tokens": None}
+    result["server"] = server
+    rows: list[dict[str, Any]] = []
+    try:
+        log("warm-up: 2 requests")
+        await run_level(bridge, prompts(2), 2)
+        for c in args.levels:
+            n = requests_for(c, args.quick)
+            stop, peak = asyncio.Event(), [0]
+            sampler = None
+            if c == RSS_LEVEL:
+                server["rss_before_c64"] = peak[0] = stack.server_rss()
+                sampler = asyncio.ensure_future(_rss_sampler(stack, peak, stop))
+            log(f"bridge c={c}: {n} requests x {args.max_tokens} tokens")
+            results, wall = await run_level(bridge, prompts(n), c, args.time_box)
+            rows.append(summarize(f"bridge c={c}", "bridge", c, results, wall))
+            log(f"  {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors, {wall:.1f} s")
+            if sampler is not None:
+                stop.set()
+                await sampler
+                server["rss_after_c64"] = stack.server_rss()
+                server["rss_peak_c64"] = max(peak[0], server["rss_after_c64"])
+            if c == 1:
+                rows.append(await _grpc_c1(stub, info.id, args))
+                result["prefill_probe_bridge"] = await _longest_probe(client, info.id)
+        server["kv_cache_tokens"] = stack.kv_cache_tokens()
+        per_token = kv_bytes_per_token(args.model, info.dtype)
+        server["kv_bytes_per_token"] = per_token
+        probe = result.get("prefill_probe_bridge") or {}
+        if "rss_before_c64" in server and per_token and probe.get("prompt_tokens"):
+            # Worst case the c=64 batch may need: every row as long as the longest prompt plus
+            # its reply (the batch cache is left-padded), twice for copies while rows join.
+            worst = RSS_LEVEL * (probe["prompt_tokens"] + args.max_tokens) * per_token
+            server["rss_bound_c64"] = server["rss_before_c64"] + 2 * worst
+        server.update(await _queue_gauges(stack))
+    finally:
+        result["rows"] = rows
+        await client.close()
+        await channel.close()
+
+
+async def _grpc_c1(stub: chat_pb2_grpc.ChatServiceStub, model: str, args: argparse.Namespace):
+    n = requests_for(1, args.quick)
+    log(f"grpc c=1: {n} requests x {args.max_tokens} tokens")
+    send = grpc_request_fn(stub, model, args.max_tokens)
+    results, wall = await run_level(send, prompts(n), 1, args.time_box)
+    row = summarize("grpc c=1", "grpc", 1, results, wall)
+    log(f"  {row['tok_s']:.1f} tok/s, {row['errors']} errors, {wall:.1f} s")
+    return row
+
+
+async def _longest_probe(client: AsyncOpenAI, model: str, repeats: int = 3) -> dict[str, Any]:
+    """TTFT of the longest prompt alone (1 output token) through the bridge, median of 3."""
+    send = bridge_request_fn(client, model, 1)
+    results = [await send(longest()) for _ in range(repeats)]
+    ttfts = [r.ttft for r in results if r.ok and r.ttft is not None]
+    return {
+        "prompt_tokens": max((r.prompt_tokens for r in results), default=0),
+        "ttft_median": statistics.median(ttfts) if ttfts else None,
+    }
+
+
+async def _queue_gauges(stack: Stack, wait: float = 5.0) -> dict[str, float]:
+    """glmserve_requests_running / _waiting after the load; waits briefly for them to settle."""
+    deadline = time.monotonic() + wait
+    while True:
+        m = stack.metrics()
+        running = m.get("glmserve_requests_running", -1.0)
+        waiting = m.get("glmserve_requests_waiting", -1.0)
+        if (running == 0 and waiting == 0) or time.monotonic() > deadline:
+            return {"requests_running_end": running, "requests_waiting_end": waiting}
+        await asyncio.sleep(0.2)
+
+
+def run_baselines(args: argparse.Namespace) -> dict[str, Any]:
+    """``python -m bench.baselines`` in its own process; its JSON (or the failure text)."""
+    batch_size = 4 if args.quick else args.batch_size
+    cmd = [sys.executable, "-m", "bench.baselines", "--max-tokens", str(args.max_tokens)]
+    cmd += ["--sequential", str(requests_for(1, args.quick))]
+    cmd += ["--batch-prompts", str(max(requests_for(16, args.quick), batch_size))]
+    cmd += ["--batch-size", str(batch_size)]
+    cmd += ["--hf-continuous" if args.hf_continuous else "--no-hf-continuous"]
+    if args.model:
+        cmd += ["--model", args.model]
+    log("baselines: " + " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=1800)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER) :])
+    return {"error": f"exit {proc.returncode}; stdout tail: {proc.stdout[-2000:]}", "rows": []}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: levels 1,4, few requests")
+    p.add_argument("--levels", help="comma-separated bridge concurrencies (default 1,4,16,64)")
+    p.add_argument("--max-tokens", type=int, help="fixed reply length (default 64; quick 16)")
+    p.add_argument("--model", help="model-server --model (default: the embedded SmolLM2)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
+    p.add_argument(
+        "--hf-continuous",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run transformers' continuous batching (generate_batch)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="HF static batch size")
+    p.add_argument("--time-box", type=float, default=150.0, help="seconds per level at most")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="JSON directory")
+    args = p.parse_args(argv)
+    default_levels = "1,4" if args.quick else "1,4,16,64"
+    args.levels = [int(x) for x in (args.levels or default_levels).split(",") if x.strip()]
+    if args.max_tokens is None:
+        args.max_tokens = 16 if args.quick else 64
+    return args
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    result: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "config": {
+            "levels": args.levels,
+            "max_tokens": args.max_tokens,
+            "quick": args.quick,
+            "model": args.model or "default (embedded SmolLM2-135M-Instruct)",
+            "time_box_s": args.time_box,
+            "requests_per_level": {c: requests_for(c, args.quick) for c in args.levels},
+        },
+    }
+    t0 = time.perf_counter()
+    log(f"load average {result['machine']['loadavg_start']}; starting model-server + bridge")
+    with Stack(args.model) as stack:
+        log(f"model server SERVING after {stack.load_seconds:.1f} s")
+        asyncio.run(drive(stack, args, result))
+    if not args.no_baselines:
+        baselines = run_baselines(args)
+        result["baselines"] = {k: v for k, v in baselines.items() if k != "rows"}
+        result["rows"] += baselines.get("rows", [])
+        if "prefill_longest" in baselines:
+            result["prefill_longest"] = {
+                **baselines["prefill_longest"],
+                "source": "one forward of the longest prompt in the baseline process",
+            }
+    if "prefill_longest" not in result:
+        probe = result.get("prefill_probe_bridge") or {}
+        result["prefill_longest"] = {
+            "prompt_tokens": probe.get("prompt_tokens"),
+            "seconds": probe.get("ttft_median"),
+            "source": "TTFT of the longest prompt alone through the bridge",
+        }
+    order = {"bridge": 0, "grpc": 1, "hf": 2}
+    result["rows"].sort(key=lambda r: (order.get(r.get("kind"), 3), r.get("concurrency") or 0))
+    result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["elapsed_s"] = time.perf_counter() - t0
+    result["targets"] = report.targets(result)
+    print(report.render(result))
+    latest, stamped = report.write(result, args.out)
+    log(f"wrote {latest} and {stamped.name} ({result['elapsed_s']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
