@@ -133,3 +133,35 @@ def test_nan_guard_picks_the_guard_token():
         logits, rows(SamplingParams(max_tokens=1, temperature=0)), frozenset(), nan_guard_token_id=5
     )
     assert out == [5]
+
+
+def test_growable_layer_matches_concatenation():
+    """The engine's KV layer writes in place into spare room yet reads like torch.cat."""
+    from model_server.engine import kv
+
+    torch.manual_seed(0)
+    cache = kv.new_cache()
+    ref_k = torch.zeros(2, 3, 0, 4)
+    for step, n in enumerate([5, 1, 1, kv.GROW_TOKENS + 3, 1]):
+        k, v = torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)
+        keys, values = cache.update(k, v, 0)
+        ref_k = torch.cat([ref_k, k], dim=2)
+        assert torch.equal(keys, ref_k) and torch.equal(values[:, :, -n:], v), step
+        assert cache.get_seq_length() == ref_k.shape[2]
+    layer = cache.layers[0]
+    before = layer._k.data_ptr()
+    cache.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4), 0)
+    assert layer._k.data_ptr() == before, "a decode step within capacity must not reallocate"
+    # Batch surgery: keep row 1, trim two padding columns; then rejoin with another batch.
+    mask = torch.ones(2, ref_k.shape[2] + 1, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[0, :1] = 0
+    sel, sel_mask = kv.select(cache, mask, torch.tensor([1]))
+    assert sel_mask.shape[1] == mask.shape[1] - 2 and sel.get_seq_length() == sel_mask.shape[1]
+    other = kv.new_cache()
+    other.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4), 0)
+    both, both_mask = kv.concat([sel, other], [sel_mask, torch.ones(1, 3, dtype=torch.long)])
+    assert both.layers[0].keys.shape == (2, 3, sel_mask.shape[1], 4)
+    assert both_mask[1, : sel_mask.shape[1] - 3].sum() == 0
+    keys, _ = both.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4), 0)
+    assert keys.shape[2] == sel_mask.shape[1] + 1

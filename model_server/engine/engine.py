@@ -110,7 +110,7 @@ class Engine:
         self._num_active = 0  # admitted, not yet finished (guarded by _lock)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: collections.deque[Sequence] = collections.deque()
-        self._chunk_cache: kv.DynamicCache | None = None  # for the head of _prefilling
+        self._chunk_cache: kv.GrowableCache | None = None  # for the head of _prefilling
         self._batch = _Batch()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="glmserve-engine", daemon=True)
@@ -255,7 +255,7 @@ class Engine:
         input_ids: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor,
-        cache: kv.DynamicCache,
+        cache: kv.GrowableCache,
     ) -> torch.Tensor:
         out = self._model(
             input_ids=input_ids.to(self._device),
@@ -324,7 +324,7 @@ class Engine:
         self,
         group: list[Sequence],
         logits: torch.Tensor,
-        cache: kv.DynamicCache,
+        cache: kv.GrowableCache,
         mask: torch.Tensor,
     ) -> None:
         """Samples each new sequence's first token; the unfinished ones join the batch."""

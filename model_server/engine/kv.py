@@ -1,9 +1,13 @@
-"""Batch surgery on a transformers ``DynamicCache``: the rows of the running batch.
+"""Batch surgery on a transformers KV cache: the rows of the running batch.
 
 The running batch is one left-padded cache ``[B, heads, T, head_dim]`` per layer plus a 2-D
 attention mask. Requests join (rows appended after left-padding to a common length) and leave
 (rows selected away, then the all-padding columns on the left trimmed). transformers' attention
 masks handle the padding, so the model forward is unchanged.
+
+The layers are :class:`GrowableLayer`: a ``DynamicLayer`` whose keys/values live in a buffer
+with spare room, so a decode step writes one position in place. transformers' ``DynamicLayer``
+instead ``torch.cat``s the whole cache every step, a copy that grows with the context.
 """
 
 from __future__ import annotations
@@ -13,10 +17,91 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+# Spare positions allocated per growth: one copy of the cache every GROW_TOKENS decode steps.
+GROW_TOKENS = 256
 
 
-def new_cache() -> DynamicCache:
-    return DynamicCache()
+class GrowableLayer(DynamicLayer):
+    """``keys``/``values`` are views ``[:, :, :length]`` of buffers with spare capacity.
+
+    Assigning ``keys``/``values`` (as the batch surgery below does) replaces the buffers; the
+    next update that does not fit grows them once by ``GROW_TOKENS``.
+    """
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._len = 0
+        super().__init__()
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self._k is None else self._k[:, :, : self._len]
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._k = t if t is not None and t.dim() == 4 else None
+        self._len = 0 if self._k is None else self._k.shape[-2]
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self._v is None else self._v[:, :, : self._len]
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._v = t if t is not None and t.dim() == 4 else None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self._len
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self._len, self._len + key_states.shape[-2]
+        if self._k is None or self._v is None or end > self._k.shape[-2]:
+            self._grow(key_states, value_states, end + GROW_TOKENS)
+        assert self._k is not None and self._v is not None
+        self._k[:, :, start:end] = key_states
+        self._v[:, :, start:end] = value_states
+        self._len = end
+        return self._k[:, :, :end], self._v[:, :, :end]
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        b, h, _, d = key_states.shape
+        k = key_states.new_empty(b, h, capacity, d)
+        v = value_states.new_empty(b, value_states.shape[1], capacity, value_states.shape[-1])
+        if self._len and self._k is not None and self._v is not None:
+            k[:, :, : self._len] = self._k[:, :, : self._len]
+            v[:, :, : self._len] = self._v[:, :, : self._len]
+        self._k, self._v = k, v
+
+
+class GrowableCache(DynamicCache):
+    """A ``DynamicCache`` made of :class:`GrowableLayer` (one per model layer, created lazily)."""
+
+    def __init__(self, data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        if data is None:
+            Cache.__init__(self, layer_class_to_replicate=GrowableLayer)
+            return
+        layers = []
+        for keys, values in data:
+            layer = GrowableLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            layers.append(layer)
+        Cache.__init__(self, layers=layers)
+
+
+def new_cache() -> GrowableCache:
+    return GrowableCache()
 
 
 def cache_len(cache: DynamicCache) -> int:
@@ -29,7 +114,7 @@ def _pad_left(t: torch.Tensor, pad: int) -> torch.Tensor:
 
 def concat(
     caches: Sequence[DynamicCache], masks: Sequence[torch.Tensor]
-) -> tuple[DynamicCache, torch.Tensor]:
+) -> tuple[GrowableCache, torch.Tensor]:
     """Stacks several batches into one, left-padding each to the longest."""
     length = max(m.shape[1] for m in masks)
     data = []
@@ -39,7 +124,7 @@ def concat(
         vals = torch.cat([_pad_left(layer.values, p) for layer, p in zip(per_layer, pads)])
         data.append((keys, vals))
     mask = torch.cat([F.pad(m, (length - m.shape[1], 0)) for m in masks])
-    return DynamicCache(ddp_cache_data=data), mask
+    return GrowableCache(data), mask
 
 
 def select(
@@ -50,6 +135,6 @@ def select(
     real = mask.any(dim=0).nonzero()
     start = int(real[0]) if real.numel() else mask.shape[1]
     for layer in cache.layers:
-        layer.keys = layer.keys[keep, :, start:]
-        layer.values = layer.values[keep, :, start:]
+        keys, values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
+        layer.keys, layer.values = keys, values
     return cache, mask[:, start:]
