@@ -35,8 +35,7 @@ from model_server.models.registry import load_model, resolve_device
 
 from .load import percentile
 from .prompts import longest, prompts
-
-MARKER = "BENCH_JSON "
+from .report import MARKER
 
 
 class StepClock(LogitsProcessor):

@@ -76,7 +76,7 @@ def _base() -> tuple[str, ...]:
     """16 prompts in the order short, medium, short, long, ... (8 short, 4 medium, 4 long)."""
     out: list[str] = []
     for i in range(4):
-        out += [QUESTIONS[2 * i], _medium(i), QUESTIONS[2 * i + 1], _long(2 * i)]
+        out += [QUESTIONS[2 * i], _medium(i), QUESTIONS[2 * i + 1], _long(i)]
     return tuple(out)
 
 

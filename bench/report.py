@@ -14,6 +14,9 @@ from typing import Any
 Result = dict[str, Any]
 Row = dict[str, Any]
 
+# Prefix of the line on which ``python -m bench.baselines`` prints its JSON result.
+MARKER = "BENCH_JSON "
+
 
 def find_row(result: Result, kind: str, concurrency: int | None = None) -> Row | None:
     """The first row of ``kind`` (bridge, grpc) at ``concurrency``, or named ``kind`` (HF)."""
@@ -144,18 +147,29 @@ def _cell_ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.0f}"
 
 
-COLUMNS = ("run", "requests", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "errors")
+COLUMNS = (
+    "run",
+    "requests",
+    "tok/s",
+    "TTFT p50",
+    "TTFT p95",
+    "ITL p50",
+    "ITL p95",
+    "errors",
+    "other CPU",
+)
 
 
 def table(result: Result) -> str:
-    """A Markdown table, one row per run (latencies in ms)."""
+    """A Markdown table, one row per run (latencies in ms; "other CPU": the share of the
+    machine's cores busy with processes outside the benchmark while the run measured)."""
     lines = [
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|",
     ]
     for row in result.get("rows", []):
         if row.get("error"):
-            cells = [row["name"], "-", "failed", "-", "-", "-", "-", "-"]
+            cells = [row["name"], "-", "failed", "-", "-", "-", "-", "-", "-"]
         else:
             cells = [
                 row["name"],
@@ -166,6 +180,7 @@ def table(result: Result) -> str:
                 _cell_ms(row.get("itl_p50")),
                 _cell_ms(row.get("itl_p95")),
                 str(row.get("errors", 0)),
+                "-" if row.get("foreign_cpu") is None else f"{row['foreign_cpu']:.0%}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

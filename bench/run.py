@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -33,8 +31,8 @@ from openai import AsyncOpenAI
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
 from . import report
-from .baselines import MARKER
 from .load import bridge_request_fn, grpc_request_fn, run_level, summarize
+from .machine import CpuWatch, loadavg, machine_info
 from .prompts import longest, prompts
 from .stack import Stack
 
@@ -44,28 +42,6 @@ RSS_LEVEL = 64
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    try:
-        torch_version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        torch_version = "?"
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model or platform.processor(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch_version,
-        "transformers": importlib.metadata.version("transformers"),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def requests_for(concurrency: int, quick: bool) -> int:
@@ -95,10 +71,48 @@ def kv_bytes_per_token(model: str | None, dtype: str) -> int | None:
     return int(layers) * 2 * int(kv_heads) * int(head_dim) * itemsize
 
 
-async def _rss_sampler(stack: Stack, peak: list[int], stop: asyncio.Event) -> None:
+_COUNTERS = {
+    "decode_rows": 'glmserve_batch_size_sum{phase="decode"}',
+    "decode_steps": 'glmserve_batch_size_count{phase="decode"}',
+    "prefill_rows": 'glmserve_batch_size_sum{phase="prefill"}',
+    "prefill_steps": 'glmserve_batch_size_count{phase="prefill"}',
+    "prefill_tokens": 'glmserve_step_tokens_total{phase="prefill"}',
+}
+
+
+def engine_counters(stack: Stack) -> dict[str, float]:
+    """The engine's step counters from /metrics (to diff around a level)."""
+    try:
+        m = stack.metrics()
+    except OSError:
+        return {}
+    return {k: m.get(name, 0.0) for k, name in _COUNTERS.items()}
+
+
+def step_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Mean decode batch, prefill steps and prefill tokens per step during one level."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before[k] for k in _COUNTERS}
+    return {
+        "decode_steps": int(d["decode_steps"]),
+        "mean_decode_batch": d["decode_rows"] / d["decode_steps"] if d["decode_steps"] else None,
+        "prefill_steps": int(d["prefill_steps"]),
+        "mean_prefill_tokens": (
+            d["prefill_tokens"] / d["prefill_steps"] if d["prefill_steps"] else None
+        ),
+    }
+
+
+async def _sampler(stack: Stack, peak: dict[str, float], stop: asyncio.Event) -> None:
+    """Peaks of the server's RSS and KV gauges while a level runs (every 0.5 s)."""
     while not stop.is_set():
         with contextlib.suppress(Exception):
-            peak[0] = max(peak[0], stack.server_rss())
+            rss = await asyncio.to_thread(stack.server_rss)
+            m = await asyncio.to_thread(stack.metrics)
+            peak["rss"] = max(peak.get("rss", 0), rss)
+            for key in ("glmserve_kv_cache_tokens", "glmserve_kv_cache_usage_ratio"):
+                peak[key] = max(peak.get(key, 0.0), m.get(key, 0.0))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -120,22 +134,28 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
         await run_level(bridge, prompts(2), 2)
         for c in args.levels:
             n = requests_for(c, args.quick)
-            stop, peak = asyncio.Event(), [0]
-            sampler = None
+            stop, peak = asyncio.Event(), {}
             if c == RSS_LEVEL:
-                server["rss_before_c64"] = peak[0] = stack.server_rss()
-                sampler = asyncio.ensure_future(_rss_sampler(stack, peak, stop))
+                server["rss_before_c64"] = stack.server_rss()
+            sampler = asyncio.ensure_future(_sampler(stack, peak, stop))
             log(f"bridge c={c}: {n} requests x {args.max_tokens} tokens")
+            before = engine_counters(stack)
+            watch = CpuWatch(stack.pids)
             results, wall = await run_level(bridge, prompts(n), c, args.time_box)
             rows.append(summarize(f"bridge c={c}", "bridge", c, results, wall))
+            rows[-1]["foreign_cpu"] = watch.foreign_share()
+            stop.set()
+            await sampler
+            rows[-1].update(step_stats(before, engine_counters(stack)))
+            rows[-1]["peak_kv_cache_tokens"] = peak.get("glmserve_kv_cache_tokens")
+            rows[-1]["peak_kv_cache_usage_ratio"] = peak.get("glmserve_kv_cache_usage_ratio")
+            rows[-1]["peak_rss"] = peak.get("rss")
             log(f"  {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors, {wall:.1f} s")
-            if sampler is not None:
-                stop.set()
-                await sampler
+            if c == RSS_LEVEL:
                 server["rss_after_c64"] = stack.server_rss()
-                server["rss_peak_c64"] = max(peak[0], server["rss_after_c64"])
+                server["rss_peak_c64"] = max(peak.get("rss", 0), server["rss_after_c64"])
             if c == 1:
-                rows.append(await _grpc_c1(stub, info.id, args))
+                rows.append(await _grpc_c1(stub, info.id, args, stack.pids))
                 result["prefill_probe_bridge"] = await _longest_probe(client, info.id)
         server["kv_cache_tokens"] = stack.kv_cache_tokens()
         per_token = kv_bytes_per_token(args.model, info.dtype)
@@ -153,12 +173,16 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
         await channel.close()
 
 
-async def _grpc_c1(stub: chat_pb2_grpc.ChatServiceStub, model: str, args: argparse.Namespace):
+async def _grpc_c1(
+    stub: chat_pb2_grpc.ChatServiceStub, model: str, args: argparse.Namespace, pids: list[int]
+) -> dict[str, Any]:
     n = requests_for(1, args.quick)
     log(f"grpc c=1: {n} requests x {args.max_tokens} tokens")
     send = grpc_request_fn(stub, model, args.max_tokens)
+    watch = CpuWatch(pids)
     results, wall = await run_level(send, prompts(n), 1, args.time_box)
     row = summarize("grpc c=1", "grpc", 1, results, wall)
+    row["foreign_cpu"] = watch.foreign_share()
     log(f"  {row['tok_s']:.1f} tok/s, {row['errors']} errors, {wall:.1f} s")
     return row
 
@@ -197,10 +221,15 @@ def run_baselines(args: argparse.Namespace) -> dict[str, Any]:
     if args.model:
         cmd += ["--model", args.model]
     log("baselines: " + " ".join(cmd[1:]))
+    watch = CpuWatch([os.getpid()])  # the child's CPU time counts once it has been waited for
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=1800)
+    foreign = watch.foreign_share()
     for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER) :])
+        if line.startswith(report.MARKER):
+            out = json.loads(line[len(report.MARKER) :])
+            for row in out.get("rows", []):
+                row["foreign_cpu"] = foreign  # one figure for the whole baseline process
+            return out
     return {"error": f"exit {proc.returncode}; stdout tail: {proc.stdout[-2000:]}", "rows": []}
 
 
@@ -270,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     order = {"bridge": 0, "grpc": 1, "hf": 2}
     result["rows"].sort(key=lambda r: (order.get(r.get("kind"), 3), r.get("concurrency") or 0))
-    result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"]["loadavg_end"] = loadavg()
     result["elapsed_s"] = time.perf_counter() - t0
     result["targets"] = report.targets(result)
     print(report.render(result))

@@ -144,6 +144,11 @@ class Stack:
             if proc is not None:
                 proc.stop()
 
+    @property
+    def pids(self) -> list[int]:
+        """The server's and the bridge's pids, and this process's (the load generator)."""
+        return [p.pid for p in (self.server, self.bridge) if p is not None] + [os.getpid()]
+
     def server_rss(self) -> int:
         """Resident set size of the model-server process, bytes."""
         import psutil
