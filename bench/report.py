@@ -200,7 +200,9 @@ def render(result: Result) -> str:
     parts = [
         table(result),
         "",
-        f"latencies in ms; machine: {m.get('cpu_model', '?')}, {m.get('cpu_count', '?')} CPUs, "
+        "latencies in ms; other CPU: share of all cores busy with processes outside the "
+        "benchmark while the row measured (noise)",
+        f"machine: {m.get('cpu_model', '?')}, {m.get('cpu_count', '?')} CPUs, "
         f"torch {m.get('torch', '?')} on {m.get('device', '?')}; load average "
         f"{m.get('loadavg_start', '?')} at start, {m.get('loadavg_end', '?')} at the end",
     ]
