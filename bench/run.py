@@ -160,12 +160,6 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
         server["kv_cache_tokens"] = stack.kv_cache_tokens()
         per_token = kv_bytes_per_token(args.model, info.dtype)
         server["kv_bytes_per_token"] = per_token
-        probe = result.get("prefill_probe_bridge") or {}
-        if "rss_before_c64" in server and per_token and probe.get("prompt_tokens"):
-            # Worst case the c=64 batch may need: every row as long as the longest prompt plus
-            # its reply (the batch cache is left-padded), twice for copies while rows join.
-            worst = RSS_LEVEL * (probe["prompt_tokens"] + args.max_tokens) * per_token
-            server["rss_bound_c64"] = server["rss_before_c64"] + 2 * worst
         server.update(await _queue_gauges(stack))
     finally:
         result["rows"] = rows

@@ -71,7 +71,8 @@ FAKE = {
         "rss_before_c64": 1000 * 2**20,
         "rss_after_c64": 1500 * 2**20,
         "rss_peak_c64": 1600 * 2**20,
-        "rss_bound_c64": 3000 * 2**20,
+        "kv_cache_tokens": 2000,
+        "kv_bytes_per_token": 2**20,
         "requests_running_end": 0.0,
         "requests_waiting_end": 0.0,
     },
@@ -89,7 +90,7 @@ def test_targets_math() -> None:
     assert ttft["ratio"] == pytest.approx(0.9 / (2 * 0.2 + 0.6)) and ttft["status"] == "PASS"
     grpc_ratio = checks["bridge c=1 tok/s >= 0.95x gRPC c=1 tok/s"]
     assert grpc_ratio["ratio"] == pytest.approx(10 / 10.4) and grpc_ratio["status"] == "PASS"
-    assert checks["c=64"]["ratio"] == pytest.approx(1.5)
+    assert checks["c=64"]["ratio"] == pytest.approx(1.6)  # peak / before; bound 3000 MiB
     assert all(c["status"] == "PASS" for c in checks.values())
 
 
@@ -100,6 +101,9 @@ def test_targets_miss_and_missing_rows() -> None:
     fake["server"]["requests_waiting_end"] = 1.0
     status = [c["status"] for c in report.targets(fake)]
     assert status == ["MISS", "MISS", "PASS", "PASS", "MISS", "MISS"]
+    over = json.loads(json.dumps(FAKE))
+    over["server"]["rss_peak_c64"] = 3500 * 2**20  # above before + KV budget (3000 MiB)
+    assert [c["status"] for c in report.targets(over)][4] == "MISS"
     quick = {"rows": [_row("bridge", 1, 10.0), _row("grpc", 1, 12.0)]}
     status = [c["status"] for c in report.targets(quick)]
     assert status == ["N/A", "N/A", "N/A", "MISS", "N/A"]
