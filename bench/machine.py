@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,26 @@ def machine_info() -> dict[str, Any]:
         "torch": version("torch"),
         "transformers": version("transformers"),
         "loadavg_start": loadavg(),
+        "git": git_revision(),
     }
+
+
+def git_revision() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ (None outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (rev + ("+dirty" if dirty else "")) or None
 
 
 def loadavg() -> list[float]:
