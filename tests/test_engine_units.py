@@ -152,16 +152,28 @@ def test_growable_layer_matches_concatenation():
     before = layer._k.data_ptr()
     cache.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4), 0)
     assert layer._k.data_ptr() == before, "a decode step within capacity must not reallocate"
-    # Batch surgery: keep row 1, trim two padding columns; then rejoin with another batch.
-    mask = torch.ones(2, ref_k.shape[2] + 1, dtype=torch.long)
+    # Batch surgery: keep row 1. Two all-padding columns are not worth a copy: rows move
+    # down in place, the buffer (and its spare room) is kept.
+    mask = torch.ones(2, cache.get_seq_length(), dtype=torch.long)
     mask[1, :2] = 0
     mask[0, :1] = 0
+    row1 = layer.keys[1].clone()
     sel, sel_mask = kv.select(cache, mask, torch.tensor([1]))
-    assert sel_mask.shape[1] == mask.shape[1] - 2 and sel.get_seq_length() == sel_mask.shape[1]
+    assert sel_mask.shape[1] == mask.shape[1] and layer._k.data_ptr() == before
+    assert torch.equal(sel.layers[0].keys[0], row1)
     other = kv.new_cache()
     other.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4), 0)
     both, both_mask = kv.concat([sel, other], [sel_mask, torch.ones(1, 3, dtype=torch.long)])
     assert both.layers[0].keys.shape == (2, 3, sel_mask.shape[1], 4)
+    assert torch.equal(both.layers[0].keys[0], row1)
     assert both_mask[1, : sel_mask.shape[1] - 3].sum() == 0
+    assert both.layers[0].keys[1, :, : sel_mask.shape[1] - 3].abs().sum() == 0  # finite padding
     keys, _ = both.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4), 0)
     assert keys.shape[2] == sel_mask.shape[1] + 1
+    # Many all-padding columns are trimmed (a copy).
+    wide = torch.zeros(2, keys.shape[2], dtype=torch.long)
+    wide[0, kv.TRIM_MIN_COLUMNS :] = 1
+    wide[1, -5:] = 1
+    trimmed, trimmed_mask = kv.select(both, wide, torch.tensor([0, 1]))
+    assert trimmed_mask.shape[1] == keys.shape[2] - kv.TRIM_MIN_COLUMNS
+    assert torch.equal(trimmed.layers[0].keys, keys[:, :, kv.TRIM_MIN_COLUMNS :])

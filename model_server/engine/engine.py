@@ -178,7 +178,11 @@ class Engine:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
+        # Everything on this thread, batch surgery included, works on inference tensors.
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self) -> None:
         while not self._stop:
             try:
                 self._take_inbox()
@@ -188,11 +192,10 @@ class Engine:
                     self._wake.clear()
                     continue
                 self._admit()
-                with torch.inference_mode():
-                    if self._prefilling:
-                        self._prefill_step()
-                    if self._batch.rows:
-                        self._decode_step()
+                if self._prefilling:
+                    self._prefill_step()
+                if self._batch.rows:
+                    self._decode_step()
             except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
                 log.exception("engine step failed; failing the requests in it")
                 self._fail_all(exc)
@@ -275,16 +278,10 @@ class Engine:
         if len(head.prompt_ids) > budget:
             self._prefill_chunk(head, budget)
             return
-        group: list[Sequence] = []
-        total = 0
-        for seq in self._prefilling:
-            n = len(seq.prompt_ids)
-            if n > budget or (group and total + n > budget):
-                break
-            group.append(seq)
-            total += n
-        for _ in group:
-            self._prefilling.popleft()
+        group = self._prefill_group(head, budget)
+        total = sum(len(s.prompt_ids) for s in group)
+        for s in group:
+            self._prefilling.remove(s)
         length = max(len(s.prompt_ids) for s in group)
         ids = torch.zeros(len(group), length, dtype=torch.long)
         mask = torch.zeros(len(group), length, dtype=torch.long)
@@ -303,6 +300,23 @@ class Engine:
         for s in group:
             s.prefilled = len(s.prompt_ids)
         self._start_decoding(group, logits, cache, mask)
+
+    def _prefill_group(self, head: Sequence, budget: int) -> list[Sequence]:
+        """The oldest prompt plus admitted prompts of similar length, while the *padded* size
+        (rows x longest) stays within the budget: padding is compute too."""
+        group, longest = [head], len(head.prompt_ids)
+        n_head = longest
+        others = sorted(
+            (s for s in self._prefilling if s is not head and len(s.prompt_ids) <= budget),
+            key=lambda s: abs(len(s.prompt_ids) - n_head),
+        )
+        for seq in others:
+            new_longest = max(longest, len(seq.prompt_ids))
+            if new_longest * (len(group) + 1) > budget:
+                continue
+            group.append(seq)
+            longest = new_longest
+        return group
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> None:
         if self._chunk_cache is None:

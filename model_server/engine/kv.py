@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 # Spare positions allocated per growth: one copy of the cache every GROW_TOKENS decode steps.
-GROW_TOKENS = 256
+GROW_TOKENS = 64
 
 
 class GrowableLayer(DynamicLayer):
@@ -57,6 +57,20 @@ class GrowableLayer(DynamicLayer):
         self.device = key_states.device
         self.is_initialized = True
 
+    def set_buffers(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Adopts buffers whose first ``length`` positions hold the cache."""
+        self._k, self._v, self._len = keys, values, length
+
+    def compact_rows(self, keep: list[int]) -> None:
+        """Keeps rows ``keep`` (ascending) by moving them down inside the same buffers: no
+        allocation, and only rows after the first removed one are copied."""
+        assert self._k is not None and self._v is not None
+        for i, j in enumerate(keep):
+            if i != j:
+                self._k[i] = self._k[j]
+                self._v[i] = self._v[j]
+        self._k, self._v = self._k[: len(keep)], self._v[: len(keep)]
+
     def get_seq_length(self) -> int:
         return self._len
 
@@ -91,6 +105,9 @@ class GrowableCache(DynamicCache):
         if data is None:
             Cache.__init__(self, layer_class_to_replicate=GrowableLayer)
             return
+        if not data:
+            Cache.__init__(self, layers=[])
+            return
         layers = []
         for keys, values in data:
             layer = GrowableLayer()
@@ -115,26 +132,57 @@ def _pad_left(t: torch.Tensor, pad: int) -> torch.Tensor:
 def concat(
     caches: Sequence[DynamicCache], masks: Sequence[torch.Tensor]
 ) -> tuple[GrowableCache, torch.Tensor]:
-    """Stacks several batches into one, left-padding each to the longest."""
+    """Stacks several batches into one, left-padding each to the longest.
+
+    Each layer is written once, straight into a buffer with spare room (no second copy when
+    the next decode step appends).
+    """
     length = max(m.shape[1] for m in masks)
-    data = []
+    rows = [m.shape[0] for m in masks]
+    pads = [length - m.shape[1] for m in masks]
+    out = GrowableCache([])
     for per_layer in zip(*(c.layers for c in caches)):
-        pads = [length - m.shape[1] for m in masks]
-        keys = torch.cat([_pad_left(layer.keys, p) for layer, p in zip(per_layer, pads)])
-        vals = torch.cat([_pad_left(layer.values, p) for layer, p in zip(per_layer, pads)])
-        data.append((keys, vals))
+        first = per_layer[0].keys
+        layer = GrowableLayer()
+        layer.lazy_initialization(first, first)
+        bufs = []
+        for attr in ("keys", "values"):
+            parts = [getattr(part, attr) for part in per_layer]
+            h, d = parts[0].shape[1], parts[0].shape[3]
+            buf = parts[0].new_empty(sum(rows), h, length + GROW_TOKENS, d)
+            r = 0
+            for t, n, pad in zip(parts, rows, pads):
+                if pad:  # padding must be finite: a masked weight of 0 times NaN is still NaN
+                    buf[r : r + n, :, :pad].zero_()
+                buf[r : r + n, :, pad:length] = t
+                r += n
+            bufs.append(buf)
+        layer.set_buffers(bufs[0], bufs[1], length)
+        out.layers.append(layer)
     mask = torch.cat([F.pad(m, (length - m.shape[1], 0)) for m in masks])
-    return GrowableCache(data), mask
+    return out, mask
+
+
+# Leading all-padding columns are only trimmed (a full copy) once there are this many.
+TRIM_MIN_COLUMNS = 64
 
 
 def select(
     cache: DynamicCache, mask: torch.Tensor, keep: torch.Tensor
 ) -> tuple[DynamicCache, torch.Tensor]:
-    """Keeps rows ``keep``; drops leading columns that are padding in every kept row."""
+    """Keeps rows ``keep`` (ascending). Rows move down in place inside the same buffers; the
+    leading columns that are padding in every kept row are trimmed when there are enough of
+    them to be worth a copy."""
     mask = mask[keep]
     real = mask.any(dim=0).nonzero()
     start = int(real[0]) if real.numel() else mask.shape[1]
+    if start < TRIM_MIN_COLUMNS and start < mask.shape[1]:
+        start = 0
+    order = keep.tolist()
     for layer in cache.layers:
-        keys, values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
-        layer.keys, layer.values = keys, values
+        if isinstance(layer, GrowableLayer) and start == 0:
+            layer.compact_rows(order)
+        else:
+            keys, values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
+            layer.keys, layer.values = keys, values
     return cache, mask[:, start:]
