@@ -39,6 +39,7 @@ class RequestResult:
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     tokens_without_chunk: int = 0
+    seq: int = -1  # order of sending within the level (0 = first)
 
 
 RequestFn = Callable[[str], Awaitable[RequestResult]]
@@ -155,9 +156,11 @@ async def run_level(
         while next_index < len(prompts):
             if time_box is not None and time.perf_counter() - start > time_box:
                 return
-            prompt = prompts[next_index]
+            index = next_index
             next_index += 1
-            results.append(await send(prompt))
+            result = await send(prompts[index])
+            result.seq = index
+            results.append(result)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results, time.perf_counter() - start
@@ -169,6 +172,9 @@ def summarize(
     """One table row: aggregate throughput and latency percentiles (seconds)."""
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
+    # The first wave arrives as one burst of ``concurrency`` prompts at t=0; later requests
+    # arrive one at a time as earlier ones finish: the steady state of that many users.
+    steady = [r.ttft for r in ok if r.ttft is not None and r.seq >= concurrency]
     itls = [g for r in ok for g in r.itl]
     tokens = sum(r.completion_tokens for r in results)
     errors = [r.error for r in results if not r.ok]
@@ -185,6 +191,8 @@ def summarize(
         "tok_s": tokens / wall if wall > 0 else 0.0,
         "ttft_p50": percentile(ttfts, 50),
         "ttft_p95": percentile(ttfts, 95),
+        "ttft_steady_p50": percentile(steady, 50),
+        "ttft_steady_p95": percentile(steady, 95),
         "itl_p50": percentile(itls, 50),
         "itl_p95": percentile(itls, 95),
         "tokens_without_chunk": sum(r.tokens_without_chunk for r in ok),

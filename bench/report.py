@@ -72,16 +72,20 @@ def targets(result: Result) -> list[dict[str, Any]]:
         )
     )
 
-    p95, p50 = _ok(c16, "ttft_p95"), _ok(c1, "ttft_p50")
+    burst95, steady95 = _ok(c16, "ttft_p95"), _ok(c16, "ttft_steady_p95")
+    p95 = steady95 if steady95 is not None else burst95
+    p50 = _ok(c1, "ttft_p50")
     prefill = result.get("prefill_longest") or {}
     pf = prefill.get("seconds")
     if p95 is not None and p50 is not None and pf is not None:
         limit = 2 * p50 + pf
+        which = "steady state, after the first wave" if steady95 is not None else "all"
         out.append(
             _check(
                 "TTFT p95 at c=16 <= 2 x TTFT p50 at c=1 + one prefill of the longest prompt",
-                f"{_ms(p95)} vs 2 x {_ms(p50)} + {_ms(pf)} ({prefill.get('source', '?')}) "
-                f"= {_ms(limit)}",
+                f"{_ms(p95)} ({which}) vs 2 x {_ms(p50)} + {_ms(pf)} "
+                f"({prefill.get('source', '?')}) = {_ms(limit)}; the first wave, 16 prompts "
+                f"arriving at once, p95 {_ms(burst95)}",
                 p95 / limit,
                 p95 <= limit,
             )
@@ -158,6 +162,7 @@ COLUMNS = (
     "tok/s",
     "TTFT p50",
     "TTFT p95",
+    "TTFT p95 steady",
     "ITL p50",
     "ITL p95",
     "errors",
@@ -174,7 +179,7 @@ def table(result: Result) -> str:
     ]
     for row in result.get("rows", []):
         if row.get("error"):
-            cells = [row["name"], "-", "failed", "-", "-", "-", "-", "-", "-"]
+            cells = [row["name"], "-", "failed"] + ["-"] * (len(COLUMNS) - 3)
         else:
             cells = [
                 row["name"],
@@ -182,6 +187,7 @@ def table(result: Result) -> str:
                 f"{row['tok_s']:.1f}",
                 _cell_ms(row.get("ttft_p50")),
                 _cell_ms(row.get("ttft_p95")),
+                _cell_ms(row.get("ttft_steady_p95")),
                 _cell_ms(row.get("itl_p50")),
                 _cell_ms(row.get("itl_p95")),
                 str(row.get("errors", 0)),

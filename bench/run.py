@@ -231,7 +231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: levels 1,4, few requests")
     p.add_argument("--levels", help="comma-separated bridge concurrencies (default 1,4,16,64)")
-    p.add_argument("--max-tokens", type=int, help="fixed reply length (default 64; quick 16)")
+    p.add_argument("--max-tokens", type=int, help="fixed reply length (default 128; quick 16)")
     p.add_argument("--model", help="model-server --model (default: the embedded SmolLM2)")
     p.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
     p.add_argument(
@@ -241,13 +241,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also run transformers' continuous batching (generate_batch)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="HF static batch size")
-    p.add_argument("--time-box", type=float, default=150.0, help="seconds per level at most")
+    p.add_argument("--time-box", type=float, default=240.0, help="seconds per level at most")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="JSON directory")
     args = p.parse_args(argv)
     default_levels = "1,4" if args.quick else "1,4,16,64"
     args.levels = [int(x) for x in (args.levels or default_levels).split(",") if x.strip()]
     if args.max_tokens is None:
-        args.max_tokens = 16 if args.quick else 64
+        args.max_tokens = 16 if args.quick else 128
     return args
 
 

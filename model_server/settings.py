@@ -25,7 +25,7 @@ class Settings:
     max_waiting: int = 512
     max_num_batched_tokens: int | None = None
     kv_cache_memory_fraction: float = 0.3
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = 0  # 0: by device (see prefill_chunk_for)
     log_level: str = "info"
     log_format: str = "text"
 
@@ -105,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
         "--prefill-chunk-tokens",
         "PREFILL_CHUNK_TOKENS",
         d.prefill_chunk_tokens,
-        "most prompt tokens prefilled per step (longer prompts go in chunks)",
+        "most (padded) prompt tokens prefilled per step, longer prompts go in chunks; "
+        "0 = by device: 256 on CPU, 2048 on GPU",
         type=int,
     )
     opt("--log-level", "LOG_LEVEL", d.log_level, "debug, info, warning, error")

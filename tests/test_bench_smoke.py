@@ -49,18 +49,40 @@ def test_summarize_counts_tokens_and_errors() -> None:
     assert row["error_samples"] == ["UNAVAILABLE: gone"]
 
 
+def test_steady_ttft_leaves_out_the_first_wave() -> None:
+    burst = [RequestResult(completion_tokens=1, ttft=5.0, seq=i) for i in range(2)]
+    later = [RequestResult(completion_tokens=1, ttft=0.5, seq=i) for i in range(2, 6)]
+    row = summarize("bridge c=2", "bridge", 2, burst + later, wall=1.0)
+    assert row["ttft_steady_p95"] == pytest.approx(0.5) and row["ttft_p95"] > 4
+
+
 def _row(kind: str, c: int | None, tok_s: float, **kw: object) -> dict:
     name = f"{kind} c={c}" if c else kind
-    return {"name": name, "kind": kind if c else "hf", "concurrency": c, "tok_s": tok_s,
-            "requests": 8, "errors": 0, **kw}
+    return {
+        "name": name,
+        "kind": kind if c else "hf",
+        "concurrency": c,
+        "tok_s": tok_s,
+        "requests": 8,
+        "errors": 0,
+        **kw,
+    }
 
 
 FAKE = {
     "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "torch": "x", "device": "cpu"},
     "rows": [
         _row("bridge", 1, 10.0, ttft_p50=0.2, ttft_p95=0.3, itl_p50=0.05, itl_p95=0.06),
-        _row("bridge", 16, 70.0, ttft_p50=0.5, ttft_p95=0.9, itl_p50=0.1, itl_p95=0.2,
-             foreign_cpu=0.05),
+        _row(
+            "bridge",
+            16,
+            70.0,
+            ttft_p50=0.5,
+            ttft_p95=0.9,
+            itl_p50=0.1,
+            itl_p95=0.2,
+            foreign_cpu=0.05,
+        ),
         _row("bridge", 64, 90.0, errors=0, requests=128),
         _row("grpc", 1, 10.4),
         _row("HF static batch 16", None, 60.0, batch_size=16),
@@ -113,7 +135,7 @@ def test_table_and_files(tmp_path: Path) -> None:
     text = report.render({**FAKE, "targets": report.targets(FAKE)})
     table = report.table(FAKE).splitlines()
     assert len(table) == 2 + len(FAKE["rows"])
-    assert "| bridge c=16 | 8 | 70.0 | 500 | 900 | 100 | 200 | 0 | 5% |" in table
+    assert "| bridge c=16 | 8 | 70.0 | 500 | 900 | - | 100 | 200 | 0 | 5% |" in table
     assert "| HF continuous batching | - | failed |" in table[-1]
     assert "[PASS]" in text and "Test CPU" in text
     latest, stamped = report.write(FAKE, tmp_path)
