@@ -141,18 +141,26 @@ def grpc_request_fn(
 
 
 async def run_level(
-    send: RequestFn, prompts: list[str], concurrency: int, time_box: float | None = None
+    send: RequestFn,
+    prompts: list[str],
+    concurrency: int,
+    time_box: float | None = None,
+    ramp: float = 0.0,
 ) -> tuple[list[RequestResult], float]:
     """Runs ``prompts`` through ``concurrency`` closed-loop workers; returns results and wall s.
 
-    With ``time_box`` no new request starts after that many seconds (running ones finish).
+    Worker k starts ``k * ramp / concurrency`` seconds in: users arrive spread over ``ramp``
+    rather than in the same millisecond (with fixed-length replies a burst start would also
+    keep every later wave in lockstep). With ``time_box`` no new request starts after that
+    many seconds (running ones finish).
     """
     results: list[RequestResult] = []
     next_index = 0
     start = time.perf_counter()
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
         nonlocal next_index
+        await asyncio.sleep(k * ramp / concurrency)
         while next_index < len(prompts):
             if time_box is not None and time.perf_counter() - start > time_box:
                 return
@@ -162,7 +170,7 @@ async def run_level(
             result.seq = index
             results.append(result)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return results, time.perf_counter() - start
 
 

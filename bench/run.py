@@ -141,7 +141,8 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
             log(f"bridge c={c}: {n} requests x {args.max_tokens} tokens")
             before = engine_counters(stack)
             watch = CpuWatch(stack.pids)
-            results, wall = await run_level(bridge, prompts(n), c, args.time_box)
+            ramp = 0.0 if args.burst or c == 1 else result.get("ramp_s", 0.0)
+            results, wall = await run_level(bridge, prompts(n), c, args.time_box, ramp)
             rows.append(summarize(f"bridge c={c}", "bridge", c, results, wall))
             rows[-1]["foreign_cpu"] = watch.foreign_share()
             stop.set()
@@ -155,6 +156,8 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
                 server["rss_after_c64"] = stack.server_rss()
                 server["rss_peak_c64"] = max(peak.get("rss", 0), server["rss_after_c64"])
             if c == 1:
+                # Later levels spread their users' arrivals over one single-stream request.
+                result["ramp_s"] = wall / max(len(results), 1)
                 rows.append(await _grpc_c1(stub, info.id, args, stack.pids))
                 result["prefill_probe_bridge"] = await _longest_probe(client, info.id)
         server["kv_cache_tokens"] = stack.kv_cache_tokens()
@@ -240,6 +243,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=True,
         help="also run transformers' continuous batching (generate_batch)",
     )
+    p.add_argument(
+        "--burst",
+        action="store_true",
+        help="start each level's workers at the same instant (default: spread over one "
+        "single-stream request duration, measured at c=1)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="HF static batch size")
     p.add_argument("--time-box", type=float, default=240.0, help="seconds per level at most")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="JSON directory")
@@ -265,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "levels": args.levels,
             "max_tokens": args.max_tokens,
             "quick": args.quick,
+            "arrivals": "burst" if args.burst else "ramp over one c=1 request duration",
             "model": args.model or "default (embedded SmolLM2-135M-Instruct)",
             "time_box_s": args.time_box,
             "requests_per_level": {c: requests_for(c, args.quick) for c in args.levels},
