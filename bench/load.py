@@ -174,6 +174,28 @@ async def run_level(
     return results, time.perf_counter() - start
 
 
+async def run_interleaved(
+    sends: list[RequestFn], prompts: list[str], time_box: float | None = None
+) -> list[tuple[list[RequestResult], float]]:
+    """Concurrency 1 over several transports, one request at a time, alternating: prompt i
+    goes through every transport before prompt i+1 (the first transport rotates), so drifting
+    machine load hits each alike. Returns, per transport, its results and summed durations."""
+    out: list[tuple[list[RequestResult], float]] = [([], 0.0) for _ in sends]
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        if time_box is not None and time.perf_counter() - start > time_box:
+            break
+        for j in range(len(sends)):
+            k = (i + j) % len(sends)
+            t0 = time.perf_counter()
+            result = await sends[k](prompt)
+            result.seq = i
+            results, spent = out[k]
+            results.append(result)
+            out[k] = (results, spent + time.perf_counter() - t0)
+    return out
+
+
 def summarize(
     name: str, kind: str, concurrency: int, results: list[RequestResult], wall: float
 ) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from openai import AsyncOpenAI
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
 from . import report
-from .load import bridge_request_fn, grpc_request_fn, run_level, summarize
+from .load import bridge_request_fn, grpc_request_fn, run_interleaved, run_level, summarize
 from .machine import CpuWatch, loadavg, machine_info
 from .prompts import longest, prompts
 from .stack import Stack
@@ -142,7 +142,14 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
             before = engine_counters(stack)
             watch = CpuWatch(stack.pids)
             ramp = 0.0 if args.burst or c == 1 else result.get("ramp_s", 0.0)
-            results, wall = await run_level(bridge, prompts(n), c, args.time_box, ramp)
+            if c == 1:
+                # Bridge and direct gRPC alternate request by request: their ratio is a target.
+                grpc_send = grpc_request_fn(stub, info.id, args.max_tokens)
+                (results, wall), (g_results, g_wall) = await run_interleaved(
+                    [bridge, grpc_send], prompts(n), args.time_box
+                )
+            else:
+                results, wall = await run_level(bridge, prompts(n), c, args.time_box, ramp)
             rows.append(summarize(f"bridge c={c}", "bridge", c, results, wall))
             rows[-1]["foreign_cpu"] = watch.foreign_share()
             stop.set()
@@ -158,7 +165,10 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
             if c == 1:
                 # Later levels spread their users' arrivals over one single-stream request.
                 result["ramp_s"] = wall / max(len(results), 1)
-                rows.append(await _grpc_c1(stub, info.id, args, stack.pids))
+                g_row = summarize("grpc c=1", "grpc", 1, g_results, g_wall)
+                g_row["foreign_cpu"] = rows[-1]["foreign_cpu"]
+                log(f"  grpc c=1: {g_row['tok_s']:.1f} tok/s, {g_row['errors']} errors")
+                rows.append(g_row)
                 result["prefill_probe_bridge"] = await _longest_probe(client, info.id)
         server["kv_cache_tokens"] = stack.kv_cache_tokens()
         per_token = kv_bytes_per_token(args.model, info.dtype)
@@ -168,20 +178,6 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
         result["rows"] = rows
         await client.close()
         await channel.close()
-
-
-async def _grpc_c1(
-    stub: chat_pb2_grpc.ChatServiceStub, model: str, args: argparse.Namespace, pids: list[int]
-) -> dict[str, Any]:
-    n = requests_for(1, args.quick)
-    log(f"grpc c=1: {n} requests x {args.max_tokens} tokens")
-    send = grpc_request_fn(stub, model, args.max_tokens)
-    watch = CpuWatch(pids)
-    results, wall = await run_level(send, prompts(n), 1, args.time_box)
-    row = summarize("grpc c=1", "grpc", 1, results, wall)
-    row["foreign_cpu"] = watch.foreign_share()
-    log(f"  {row['tok_s']:.1f} tok/s, {row['errors']} errors, {wall:.1f} s")
-    return row
 
 
 async def _longest_probe(client: AsyncOpenAI, model: str, repeats: int = 3) -> dict[str, Any]:
