@@ -7,12 +7,15 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
+from glmserve.logs import setup_logging
 from http_bridge.settings import (
     DEFAULT_BACKEND,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_REQUEST_TIMEOUT,
     Settings,
 )
+
+log = logging.getLogger("http_bridge")
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -95,7 +98,14 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--log-level",
         default=e("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
-        help="[GLMSERVE_LOG_LEVEL, shared with the model server]",
+        help="info: one line per /v1 request; debug adds probes and static files "
+        "[GLMSERVE_LOG_LEVEL, shared with the model server]",
+    )
+    p.add_argument(
+        "--log-format",
+        default=e("LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="key=value text or one JSON object per line [GLMSERVE_LOG_FORMAT]",
     )
     return p
 
@@ -123,6 +133,7 @@ def parse_settings(
         ui=not ns.no_ui,
         drain_seconds=float(ns.drain_seconds),
         log_level=str(ns.log_level),
+        log_format=str(ns.log_format),
     )
 
 
@@ -131,9 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = parse_settings(argv)
     except ValueError as err:
         raise SystemExit(f"http-bridge: {err}") from None
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_level, settings.log_format)
     import uvicorn
 
     from http_bridge.app import create_app
@@ -142,11 +151,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = create_app(settings)
     except ValueError as err:  # e.g. an unusable --backend list
         raise SystemExit(f"http-bridge: {err}") from None
+    log.info(
+        "listening",
+        extra={
+            "fields": {
+                "address": f"http://{settings.host}:{settings.port}",
+                "backends": ",".join(settings.backends),
+            }
+        },
+    )
+    # Our own structured lines replace uvicorn's access log (http_bridge.access); uvicorn's
+    # own loggers go through the same handler and stay at warning unless --log-level debug.
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=settings.drain_seconds,
     )
 

@@ -5,6 +5,7 @@ A registry per app (not the process-global default) lets tests build several app
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -71,6 +72,9 @@ class BridgeMetrics:
         self.backend_available.set_function(lambda: 1.0 if backend_available() else 0.0)
 
 
+access_log = logging.getLogger("http_bridge.access")
+
+
 class MetricsMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware, which would break streaming cancellation).
 
@@ -117,13 +121,31 @@ class MetricsMiddleware:
             done = True
             route = self._route_label(scope)
             method = scope.get("method", "")
+            elapsed = time.perf_counter() - start
             self.metrics.requests.labels(route, method, str(status)).inc()
-            self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(route, method).observe(elapsed)
+            # One line per API request at info; probes, metrics scrapes and the page at debug.
+            level = logging.INFO if route.startswith("/v1") else logging.DEBUG
+            if access_log.isEnabledFor(level):
+                fields = {
+                    "method": method,
+                    "path": scope.get("path", ""),
+                    "status": status,
+                    "duration_ms": round(elapsed * 1e3, 1),
+                }
+                if request_id:
+                    fields["request_id"] = request_id
+                access_log.log(level, "request", extra={"fields": fields})
+
+        request_id = ""
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, request_id
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"x-request-id":
+                        request_id = value.decode("latin-1")
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 finish()

@@ -36,6 +36,7 @@ class Settings:
     # On SIGTERM, how long open requests (streams) may finish before they are cut.
     drain_seconds: float = 30.0
     log_level: str = "info"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not self.backends:

@@ -6,7 +6,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from .logs import setup_logging
+from glmserve.logs import setup_logging
+
 from .settings import parse_settings
 
 

@@ -408,3 +408,23 @@ def test_many_concurrent_requests(bridge: Proc, model_id: str) -> None:
         return [r.usage.completion_tokens for r in results if r.usage]
 
     assert asyncio.run(run()) == [3] * 8
+
+
+def test_one_structured_log_line_per_api_request(main: Proc) -> None:
+    """info: one key=value line per /v1 request (with the completion id); probes are quiet."""
+    with start_bridge("--backend", main.target, "--no-ui") as b:
+        httpx.get(b.url + "/health", timeout=10)
+        client = openai.OpenAI(base_url=b.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="", messages=HI, max_tokens=3)
+        wait_until(lambda: f"request_id={reply.id}" in b.log_text(), what="the access line")
+        lines = [line for line in b.log_text().splitlines() if "http_bridge.access" in line]
+        assert len(lines) == 1, lines
+        assert "method=POST path=/v1/chat/completions status=200 duration_ms=" in lines[0]
+        assert "/health" not in b.log_text() and "Uvicorn running" not in b.log_text()
+    with start_bridge("--backend", main.target, "--no-ui", "--log-format", "json") as b:
+        httpx.get(b.url + "/v1/models", timeout=10)
+        wait_until(lambda: "http_bridge.access" in b.log_text(), what="a JSON access line")
+        doc = next(
+            json.loads(line) for line in b.log_text().splitlines() if "http_bridge.access" in line
+        )
+        assert doc["path"] == "/v1/models" and doc["status"] == 200 and doc["level"] == "info"

@@ -40,6 +40,6 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler.setFormatter(_Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)  # libraries stay quiet
+    root.setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
     for name in ("glmserve", "model_server", "http_bridge"):
         logging.getLogger(name).setLevel(level.upper())
