@@ -177,3 +177,24 @@ def test_growable_layer_matches_concatenation():
     trimmed, trimmed_mask = kv.select(both, wide, torch.tensor([0, 1]))
     assert trimmed_mask.shape[1] == keys.shape[2] - kv.TRIM_MIN_COLUMNS
     assert torch.equal(trimmed.layers[0].keys, keys[:, :, kv.TRIM_MIN_COLUMNS :])
+
+
+def test_prefill_group_counts_padding_and_prefers_similar_lengths():
+    """A prefill group's padded size (rows x longest) stays within the budget, starting from
+    the oldest prompt and taking the closest lengths first."""
+    import collections
+    from types import SimpleNamespace
+
+    from model_server.engine.engine import Engine
+
+    def seq(n: int) -> SimpleNamespace:
+        return SimpleNamespace(prompt_ids=[1] * n)
+
+    head, short, mid, near, long_ = seq(100), seq(20), seq(60), seq(95), seq(300)
+    fake = SimpleNamespace(_prefilling=collections.deque([head, short, long_, mid, near]))
+    group = Engine._prefill_group(fake, head, 256)
+    assert group == [head, near]  # 2 x 100 = 200; adding a third row would pad to 300 > 256
+    assert len(group) * max(len(s.prompt_ids) for s in group) <= 256
+    fake = SimpleNamespace(_prefilling=collections.deque([short, head, mid, long_]))
+    # From a short head: 60 joins (2 x 60), 100 would pad three rows to 300; 300 is chunked.
+    assert Engine._prefill_group(fake, short, 256) == [short, mid]
