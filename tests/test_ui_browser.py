@@ -308,8 +308,15 @@ def delta(text: str, finish: str | None = None) -> dict:
 # ====================================================================== tests
 
 
+# Long enough that the reply spans many animation frames even on a fast machine (16 tokens of
+# the tiny model can arrive within one frame, and the page renders at most once per frame).
+STREAM_TOKENS = 160
+
+
 def test_send_message_streams_the_reply(stack: Stack, make_ui: Callable[..., UI]) -> None:
-    ui = make_ui(stack.url, max_tokens=16, permissions=["clipboard-read", "clipboard-write"])
+    ui = make_ui(
+        stack.url, max_tokens=STREAM_TOKENS, permissions=["clipboard-read", "clipboard-write"]
+    )
     ui.goto()
     expect(ui.tid("model-select")).to_have_value(stack.model)
     expect(ui.tid("empty-state")).to_be_visible()
@@ -347,7 +354,11 @@ def test_send_message_streams_the_reply(stack: Stack, make_ui: Callable[..., UI]
     assert stored[0]["messages"][0]["content"] == text
 
     body = json.loads(ui.requests[-1]["body"])
-    assert body["stream"] is True and body["model"] == stack.model and body["max_tokens"] == 16
+    assert (
+        body["stream"] is True
+        and body["model"] == stack.model
+        and body["max_tokens"] == STREAM_TOKENS
+    )
     assert body["messages"] == [{"role": "user", "content": text}]
 
     expect(ui.conversations()).to_have_count(1)
