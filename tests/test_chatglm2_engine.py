@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
 import torch
 
+from model_server.engine.engine import Engine, EngineConfig
+from model_server.engine.types import GenerationRequest, SamplingParams
 from model_server.models.base import ChatMessage
 from model_server.models.chatglm2 import load_chatglm2
 from model_server.models.chatglm2.chat_format import process_response
-
-engine_mod = pytest.importorskip("model_server.engine.engine")
-types_mod = pytest.importorskip("model_server.engine.types")
 
 
 def solo_greedy(model: torch.nn.Module, ids: list[int], n: int, eos: int) -> list[int]:
@@ -30,13 +28,12 @@ async def test_engine_batch_equals_solo_greedy(tiny_chatglm2_dir: Path):
     lm = load_chatglm2(str(tiny_chatglm2_dir), torch.device("cpu"), torch.float32, None)
     questions = ["hi", "你好 please answer the question about time", "问 答 world 123"]
     prompts = [lm.chat_format.render([ChatMessage("user", q)]) for q in questions]
-    engine = engine_mod.Engine(lm, engine_mod.EngineConfig(prefill_chunk_tokens=7))
+    engine = Engine(lm, EngineConfig(prefill_chunk_tokens=7))
     engine.start()
     try:
-        params = types_mod.SamplingParams(max_tokens=10, temperature=0.0)
+        params = SamplingParams(max_tokens=10, temperature=0.0)
         streams = [
-            engine.submit(types_mod.GenerationRequest(f"r{i}", p, params))
-            for i, p in enumerate(prompts)
+            engine.submit(GenerationRequest(f"r{i}", p, params)) for i, p in enumerate(prompts)
         ]
 
         async def collect(stream) -> tuple[str, list[int]]:

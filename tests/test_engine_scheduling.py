@@ -73,8 +73,14 @@ def test_cancel_frees_slot_and_cache_at_once(budgeted):
     stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(budgeted.target))
     call = stub.Chat(chat_request("go", max_tokens=250, ignore_eos=True, temperature=0))
     next(call)
-    m = budgeted.metrics()
-    assert m["glmserve_kv_cache_tokens"] > 0 and m["glmserve_kv_cache_usage_ratio"] > 0.5
+    # The gauges are published right after the first token is sent: wait for them, not race.
+    wait_until(
+        lambda: (
+            budgeted.metrics()["glmserve_kv_cache_tokens"] > 0
+            and budgeted.metrics()["glmserve_kv_cache_usage_ratio"] > 0.5
+        ),
+        what="the KV gauges to show the running request",
+    )
     # A second request of the same size only fits once the first has let go of its share.
     waiting = stub.Chat(chat_request("next", max_tokens=250, ignore_eos=True, temperature=0))
     wait_until(lambda: budgeted.metrics()["glmserve_requests_waiting"] == 1, what="waiting=1")

@@ -305,10 +305,9 @@ class Engine:
         """The oldest prompt plus admitted prompts of similar length, while the *padded* size
         (rows x longest) stays within the budget: padding is compute too."""
         group, longest = [head], len(head.prompt_ids)
-        n_head = longest
         others = sorted(
             (s for s in self._prefilling if s is not head and len(s.prompt_ids) <= budget),
-            key=lambda s: abs(len(s.prompt_ids) - n_head),
+            key=lambda s: abs(len(s.prompt_ids) - len(head.prompt_ids)),
         )
         for seq in others:
             new_longest = max(longest, len(seq.prompt_ids))

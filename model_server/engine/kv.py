@@ -99,22 +99,14 @@ class GrowableLayer(DynamicLayer):
 
 
 class GrowableCache(DynamicCache):
-    """A ``DynamicCache`` made of :class:`GrowableLayer` (one per model layer, created lazily)."""
+    """A ``DynamicCache`` made of :class:`GrowableLayer`: created lazily, one per model layer,
+    or given (``concat`` builds them directly)."""
 
-    def __init__(self, data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        if data is None:
+    def __init__(self, layers: list[GrowableLayer] | None = None) -> None:
+        if layers is None:
             Cache.__init__(self, layer_class_to_replicate=GrowableLayer)
-            return
-        if not data:
-            Cache.__init__(self, layers=[])
-            return
-        layers = []
-        for keys, values in data:
-            layer = GrowableLayer()
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-            layers.append(layer)
-        Cache.__init__(self, layers=layers)
+        else:
+            Cache.__init__(self, layers=layers)
 
 
 def new_cache() -> GrowableCache:
@@ -140,7 +132,7 @@ def concat(
     length = max(m.shape[1] for m in masks)
     rows = [m.shape[0] for m in masks]
     pads = [length - m.shape[1] for m in masks]
-    out = GrowableCache([])
+    layers = []
     for per_layer in zip(*(c.layers for c in caches)):
         first = per_layer[0].keys
         layer = GrowableLayer()
@@ -158,9 +150,9 @@ def concat(
                 r += n
             bufs.append(buf)
         layer.set_buffers(bufs[0], bufs[1], length)
-        out.layers.append(layer)
+        layers.append(layer)
     mask = torch.cat([F.pad(m, (length - m.shape[1], 0)) for m in masks])
-    return out, mask
+    return GrowableCache(layers), mask
 
 
 # Leading all-padding columns are only trimmed (a full copy) once there are this many.
@@ -168,21 +160,20 @@ TRIM_MIN_COLUMNS = 64
 
 
 def select(
-    cache: DynamicCache, mask: torch.Tensor, keep: torch.Tensor
-) -> tuple[DynamicCache, torch.Tensor]:
+    cache: GrowableCache, mask: torch.Tensor, keep: torch.Tensor
+) -> tuple[GrowableCache, torch.Tensor]:
     """Keeps rows ``keep`` (ascending). Rows move down in place inside the same buffers; the
     leading columns that are padding in every kept row are trimmed when there are enough of
     them to be worth a copy."""
     mask = mask[keep]
     real = mask.any(dim=0).nonzero()
     start = int(real[0]) if real.numel() else mask.shape[1]
-    if start < TRIM_MIN_COLUMNS and start < mask.shape[1]:
+    if start < TRIM_MIN_COLUMNS:
         start = 0
-    order = keep.tolist()
-    for layer in cache.layers:
-        if isinstance(layer, GrowableLayer) and start == 0:
+        order = keep.tolist()
+        for layer in cache.layers:
             layer.compact_rows(order)
-        else:
-            keys, values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
-            layer.keys, layer.values = keys, values
+    else:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
     return cache, mask[:, start:]
