@@ -113,7 +113,7 @@ def targets(result: Result) -> list[dict[str, Any]]:
     budget, per_token = server.get("kv_cache_tokens"), server.get("kv_bytes_per_token")
     if c64 is not None and before and after and budget and per_token:
         # The bound: RSS before the level plus the KV cache the server sized for itself
-        # (--max-num-batched-tokens, by default from --kv-cache-memory-fraction); the peak
+        # (--kv-cache-tokens, by default from --kv-cache-memory-fraction); the peak
         # sampled during the level must stay under it.
         bound = before + budget * per_token
         errors = int(c64.get("errors", 0))

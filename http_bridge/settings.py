@@ -1,11 +1,15 @@
 """Bridge settings: one frozen object built by the CLI (or a test) and handed to ``create_app``.
 
-Kept free of argparse and environment lookups so that tests can build an app directly.
+Each setting is declared once here (flag, GLMSERVE_* variable, type, default, help); the
+``http-bridge`` parser, the environment fallback and the flag tables in the docs are generated
+from it. Tests build ``Settings(...)`` directly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from glmserve.settings import Cli, log_format_setting, log_level_setting, setting
 
 DEFAULT_BACKEND = "127.0.0.1:50051"
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
@@ -14,29 +18,80 @@ DEFAULT_REQUEST_TIMEOUT = 600.0
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the HTTP bridge needs to know; see docs/bridge.md for the flag table."""
+    """Everything the HTTP bridge needs to know; docs/bridge.md's flag table is rendered from it.
 
-    backends: tuple[str, ...] = (DEFAULT_BACKEND,)
-    host: str = "127.0.0.1"
-    port: int = 8000
+    BRIDGE_ in the host/port/drain variables: GLMSERVE_HOST/PORT/DRAIN_SECONDS belong to the
+    model server, and both processes often share one environment.
+    """
+
+    backends: tuple[str, ...] = setting(
+        (DEFAULT_BACKEND,),
+        flag="--backend",
+        env="GLMSERVE_BACKEND",
+        metavar="TARGET",
+        help="gRPC target(s) of the model server(s); repeat the flag or comma-separate. "
+        "Several targets: round robin over the healthy ones",
+    )
+    host: str = setting(
+        "127.0.0.1", flag="--host", env="GLMSERVE_BRIDGE_HOST", help="address to bind"
+    )
+    port: int = setting(8000, flag="--port", env="GLMSERVE_BRIDGE_PORT", help="HTTP port")
     # Empty: no authentication. Otherwise every /v1 route needs one of these bearer keys.
-    api_keys: tuple[str, ...] = ()
-    cors_origins: tuple[str, ...] = ()
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    api_keys: tuple[str, ...] = setting(
+        (),
+        flag="--api-key",
+        env="GLMSERVE_API_KEYS",
+        metavar="KEY",
+        help="when any key is set, every `/v1` route needs `Authorization: Bearer <key>` "
+        "(prefer the variable: flags show up in `ps`)",
+    )
+    cors_origins: tuple[str, ...] = setting(
+        (),
+        flag="--cors-origin",
+        env="GLMSERVE_CORS_ORIGINS",
+        metavar="ORIGIN",
+        help="browser origins allowed to call the API (`*` for any); "
+        "no CORS headers at all when unset",
+    )
+    max_request_bytes: int = setting(
+        DEFAULT_MAX_REQUEST_BYTES,
+        flag="--max-request-bytes",
+        env="GLMSERVE_MAX_REQUEST_BYTES",
+        help="larger request bodies get 413",
+    )
     # Seconds; becomes the deadline of every Chat RPC (the whole stream must finish in it).
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    request_timeout: float = setting(
+        DEFAULT_REQUEST_TIMEOUT,
+        flag="--request-timeout",
+        env="GLMSERVE_REQUEST_TIMEOUT",
+        help="seconds; the deadline of each Chat RPC, covering the whole stream. "
+        "Past it: 504 (or an error chunk if the stream had started)",
+    )
     # Serve the chat page at / and /static when the static directory exists.
-    ui: bool = True
+    ui: bool = setting(
+        True,
+        flag="--no-ui",
+        env="GLMSERVE_NO_UI",
+        help="do not serve the chat page (`/`, `/static/*`)",
+    )
     # grpc.health.v1 service name the client-side health checks watch ("" = whole server).
     health_service: str = ""
     # HTTP/2 keepalive ping interval towards the backends, seconds (0 disables).
     keepalive_seconds: float = 30.0
     # Upper bound of grpc's reconnect backoff, so a restarted backend is picked up in seconds.
     max_reconnect_backoff_seconds: float = 2.0
-    # On SIGTERM, how long open requests (streams) may finish before they are cut.
-    drain_seconds: float = 30.0
-    log_level: str = "info"
-    log_format: str = "text"
+    drain_seconds: float = setting(
+        30.0,
+        flag="--drain-seconds",
+        env="GLMSERVE_BRIDGE_DRAIN_SECONDS",
+        help="on SIGTERM, how long open requests (streams) may finish",
+    )
+    log_level: str = log_level_setting(
+        "`debug`, `info`, `warning`, `error`; info: one structured line per `/v1` request "
+        "(`http_bridge.access`: method, path, status, duration_ms, request_id); `/health`, "
+        "`/metrics` and the page only at debug"
+    )
+    log_format: str = log_format_setting()
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -47,3 +102,11 @@ class Settings:
             raise ValueError("--max-request-bytes must be >= 1")
         if not 0 < self.port < 65536:
             raise ValueError("--port must be in 1..65535")
+
+
+CLI = Cli(
+    Settings,
+    prog="http-bridge",
+    description="glmserve HTTP bridge: the OpenAI chat-completions API in front of one or more "
+    "gRPC model servers.",
+)

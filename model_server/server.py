@@ -37,10 +37,10 @@ def prefill_chunk_for(requested: int, device_type: str) -> int:
 
 
 def kv_budget_tokens(loaded: LoadedModel, settings: Settings) -> int:
-    """The KV-cache budget: --max-num-batched-tokens, else a share of free memory."""
+    """The KV-cache budget: --kv-cache-tokens, else a share of free memory."""
     cap = settings.max_num_seqs * loaded.max_model_len
-    if settings.max_num_batched_tokens:
-        return settings.max_num_batched_tokens
+    if settings.kv_cache_tokens:
+        return settings.kv_cache_tokens
     cfg = loaded.model.config.get_text_config()
     layers = cfg.num_hidden_layers
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

@@ -1,33 +1,131 @@
-"""Model-server settings: flags, each with a GLMSERVE_* environment fallback."""
+"""Model-server settings, each declared once: flag, GLMSERVE_* variable, type, default, help."""
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from glmserve.settings import Cli, log_format_setting, log_level_setting, setting
 
 from .models import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = DEFAULT_MODEL
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: str = "auto"
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    metrics_port: int | None = None
-    drain_seconds: float = 30.0
-    max_num_seqs: int = 64
-    max_waiting: int = 512
-    max_num_batched_tokens: int | None = None
-    kv_cache_memory_fraction: float = 0.3
-    prefill_chunk_tokens: int = 0  # 0: by device (see prefill_chunk_for)
-    log_level: str = "info"
-    log_format: str = "text"
+    """Everything the model server is told at start; the README flag table is rendered from it."""
+
+    model: str = setting(
+        DEFAULT_MODEL,
+        flag="--model",
+        env="GLMSERVE_MODEL",
+        help="the embedded default, or a local checkpoint directory "
+        "(ChatGLM2 layout or any transformers chat model)",
+    )
+    served_model_name: str | None = setting(
+        None,
+        flag="--served-model-name",
+        env="GLMSERVE_SERVED_MODEL_NAME",
+        help="the model id clients see",
+        default_text="the model's name",
+    )
+    host: str = setting("127.0.0.1", flag="--host", env="GLMSERVE_HOST", help="address to bind")
+    port: int = setting(50051, flag="--port", env="GLMSERVE_PORT", help="gRPC port")
+    device: str = setting(
+        "auto",
+        flag="--device",
+        env="GLMSERVE_DEVICE",
+        help="`auto` (cuda when available), `cpu`, `cuda`, `cuda:N`",
+    )
+    dtype: str = setting(
+        "auto",
+        flag="--dtype",
+        env="GLMSERVE_DTYPE",
+        help="`auto` (bf16/fp16 on CUDA, fp32 on CPU), `float32`, `float16`, `bfloat16`",
+    )
+    max_model_len: int | None = setting(
+        None,
+        flag="--max-model-len",
+        env="GLMSERVE_MAX_MODEL_LEN",
+        help="context window in tokens (prompt + reply)",
+        default_text="the model's",
+    )
+    metrics_port: int | None = setting(
+        None,
+        flag="--metrics-port",
+        env="GLMSERVE_METRICS_PORT",
+        help="Prometheus `/metrics` port",
+        default_text="off",
+    )
+    drain_seconds: float = setting(
+        30.0,
+        flag="--drain-seconds",
+        env="GLMSERVE_DRAIN_SECONDS",
+        help="on SIGTERM, how long in-flight streams may finish",
+    )
+    max_num_seqs: int = setting(
+        64,
+        flag="--max-num-seqs",
+        env="GLMSERVE_MAX_NUM_SEQS",
+        help="requests generating at once (batch size)",
+    )
+    max_waiting: int = setting(
+        512,
+        flag="--max-waiting",
+        env="GLMSERVE_MAX_WAITING",
+        help="queue bound; beyond it new requests get `RESOURCE_EXHAUSTED` (HTTP 429)",
+    )
+    kv_cache_tokens: int | None = setting(
+        None,
+        flag="--kv-cache-tokens",
+        env="GLMSERVE_KV_CACHE_TOKENS",
+        help="KV-cache pool size in tokens, rounded down to whole blocks",
+        default_text="from `--kv-cache-memory-fraction`",
+    )
+    kv_cache_memory_fraction: float = setting(
+        0.3,
+        flag="--kv-cache-memory-fraction",
+        env="GLMSERVE_KV_CACHE_MEMORY_FRACTION",
+        help="share of free device memory (host RAM on CPU) for the KV cache, "
+        "when `--kv-cache-tokens` is not given",
+    )
+    kv_block_size: int = setting(
+        16,
+        flag="--kv-block-size",
+        env="GLMSERVE_KV_BLOCK_SIZE",
+        help="tokens per KV-cache block (the unit of allocation and of prefix caching)",
+    )
+    prefix_caching: bool = setting(
+        True,
+        flag="--prefix-caching",
+        env="GLMSERVE_PREFIX_CACHING",
+        help="reuse the KV cache of earlier requests' common prefixes (multi-turn chats)",
+    )
+    prefill_chunk_tokens: int = setting(
+        0,
+        flag="--prefill-chunk-tokens",
+        env="GLMSERVE_PREFILL_CHUNK_TOKENS",
+        help="most (padded) prompt tokens prefilled per step; longer prompts go in chunks so "
+        "streams keep flowing; `0`: by device",
+        default_text="`0` = by device: 256 on CPU, 2048 on GPU",
+    )
+    step_timeout_seconds: float = setting(
+        60.0,
+        flag="--step-timeout-seconds",
+        env="GLMSERVE_STEP_TIMEOUT_SECONDS",
+        help="watchdog: an engine step running longer than this marks the server `NOT_SERVING`, "
+        "ends open streams with `UNAVAILABLE` and exits non-zero",
+    )
+    log_level: str = log_level_setting("`debug`, `info` (one line per request), `warning`, `error`")
+    log_format: str = log_format_setting()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError("--port must be in 1..65535")
+        if self.kv_block_size < 1:
+            raise ValueError("--kv-block-size must be >= 1")
+        if self.step_timeout_seconds <= 0:
+            raise ValueError("--step-timeout-seconds must be > 0")
 
     @property
     def model_id(self) -> str:
@@ -36,105 +134,15 @@ class Settings:
         return os.path.basename(os.path.normpath(self.model)) or self.model
 
 
-def _env(name: str, default: object = None) -> object:
-    return os.environ.get("GLMSERVE_" + name, default)
+CLI = Cli(
+    Settings,
+    prog="model-server",
+    description="glmserve model server: serves glmserve.v1.ChatService over gRPC.",
+)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="model-server",
-        description="glmserve model server: serves glmserve.v1.ChatService over gRPC. "
-        "Every flag falls back to the GLMSERVE_<FLAG> environment variable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d = Settings()
-
-    def opt(flag: str, env: str, default: object, help: str, **kw: object) -> None:
-        p.add_argument(flag, default=_env(env, default), help=f"{help} [env GLMSERVE_{env}]", **kw)
-
-    opt("--model", "MODEL", d.model, f"'{DEFAULT_MODEL}' (embedded) or a local checkpoint dir")
-    opt(
-        "--served-model-name",
-        "SERVED_MODEL_NAME",
-        None,
-        "model id clients see (default: the model's name)",
-    )
-    opt("--host", "HOST", d.host, "address to bind")
-    opt("--port", "PORT", d.port, "gRPC port", type=int)
-    opt("--device", "DEVICE", d.device, "auto (cuda when available), cpu, cuda, cuda:N")
-    opt(
-        "--dtype",
-        "DTYPE",
-        d.dtype,
-        "auto (bf16/fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16",
-    )
-    opt("--max-model-len", "MAX_MODEL_LEN", None, "context window (default: the model's)", type=int)
-    opt("--metrics-port", "METRICS_PORT", None, "Prometheus port (off when unset)", type=int)
-    opt(
-        "--drain-seconds",
-        "DRAIN_SECONDS",
-        d.drain_seconds,
-        "on SIGTERM, how long in-flight streams may finish",
-        type=float,
-    )
-    opt("--max-num-seqs", "MAX_NUM_SEQS", d.max_num_seqs, "requests generating at once", type=int)
-    opt(
-        "--max-waiting",
-        "MAX_WAITING",
-        d.max_waiting,
-        "queued requests beyond which new ones get RESOURCE_EXHAUSTED",
-        type=int,
-    )
-    opt(
-        "--max-num-batched-tokens",
-        "MAX_NUM_BATCHED_TOKENS",
-        None,
-        "KV-cache budget in tokens "
-        "(prompt + max_tokens summed over running requests; default: from "
-        "--kv-cache-memory-fraction)",
-        type=int,
-    )
-    opt(
-        "--kv-cache-memory-fraction",
-        "KV_CACHE_MEMORY_FRACTION",
-        d.kv_cache_memory_fraction,
-        "share of free device memory (host RAM on CPU) the KV cache may use",
-        type=float,
-    )
-    opt(
-        "--prefill-chunk-tokens",
-        "PREFILL_CHUNK_TOKENS",
-        d.prefill_chunk_tokens,
-        "most (padded) prompt tokens prefilled per step, longer prompts go in chunks; "
-        "0 = by device: 256 on CPU, 2048 on GPU",
-        type=int,
-    )
-    opt("--log-level", "LOG_LEVEL", d.log_level, "debug, info, warning, error")
-    opt("--log-format", "LOG_FORMAT", d.log_format, "text or json")
-    return p
-
-
-def parse_settings(argv: Sequence[str] | None = None) -> Settings:
-    ns = parser().parse_args(argv)
-
-    def num(v: object, kind: type) -> object:
-        return None if v in (None, "") else kind(v)
-
-    return Settings(
-        model=ns.model,
-        served_model_name=ns.served_model_name or None,
-        host=ns.host,
-        port=int(ns.port),
-        device=ns.device,
-        dtype=ns.dtype,
-        max_model_len=num(ns.max_model_len, int),
-        metrics_port=num(ns.metrics_port, int),
-        drain_seconds=float(ns.drain_seconds),
-        max_num_seqs=int(ns.max_num_seqs),
-        max_waiting=int(ns.max_waiting),
-        max_num_batched_tokens=num(ns.max_num_batched_tokens, int),
-        kv_cache_memory_fraction=float(ns.kv_cache_memory_fraction),
-        prefill_chunk_tokens=int(ns.prefill_chunk_tokens),
-        log_level=ns.log_level,
-        log_format=ns.log_format,
-    )
+def parse_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from the command line and the environment (os.environ unless given)."""
+    return CLI.parse(argv, env)

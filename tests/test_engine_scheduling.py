@@ -41,7 +41,7 @@ def idle(server: Proc) -> bool:
 
 @pytest.fixture(scope="module")
 def budgeted(tiny_model_dir: Path) -> Iterator[Proc]:
-    with start_model_server(str(tiny_model_dir), "--max-num-batched-tokens", str(BUDGET)) as server:
+    with start_model_server(str(tiny_model_dir), "--kv-cache-tokens", str(BUDGET)) as server:
         yield server
 
 
