@@ -51,13 +51,43 @@ class ServerMetrics(EngineObserver):
             "glmserve_step_tokens", "Tokens processed by forward steps", ["phase"], registry=r
         )
         self.kv_cache_usage = Gauge(
-            "glmserve_kv_cache_usage_ratio", "Reserved KV-cache tokens / budget", registry=r
+            "glmserve_kv_cache_usage_ratio",
+            "KV-cache blocks in use / blocks in the pool (padding, spare room and cached "
+            "prefix blocks included)",
+            registry=r,
         )
         self.kv_cache_tokens = Gauge(
             "glmserve_kv_cache_tokens",
-            "KV-cache positions held by the running batch (including padding)",
+            "KV-cache positions in use (blocks in use x block size)",
             registry=r,
         )
+        self.kv_cache_blocks_used = Gauge(
+            "glmserve_kv_cache_blocks_used", "KV-cache blocks in use", registry=r
+        )
+        self.kv_cache_blocks_total = Gauge(
+            "glmserve_kv_cache_blocks_total", "KV-cache blocks in the pool", registry=r
+        )
+        self.prefix_cache_blocks = Gauge(
+            "glmserve_prefix_cache_blocks",
+            "KV-cache blocks held by the prefix cache (evicted first when memory runs out)",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "glmserve_num_preemptions",
+            "Requests preempted (KV freed, recomputed later) because the pool ran out",
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            "glmserve_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache at admission",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "glmserve_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not recomputed)",
+            registry=r,
+        )
+        self._seen = (0, 0, 0)
         self.model_loaded = Gauge(
             "glmserve_model_loaded", "1 once the model is loaded and serving", registry=r
         )
@@ -72,9 +102,22 @@ class ServerMetrics(EngineObserver):
         self.batch_size.labels(kind).observe(batch_size)
         self.step_tokens.labels(kind).inc(tokens)
 
-    def kv_usage(self, reserved: int, budget: int, cached: int) -> None:
-        self.kv_cache_usage.set(reserved / budget if budget else 0.0)
-        self.kv_cache_tokens.set(cached)
+    def kv_usage(
+        self, used_blocks: int, total_blocks: int, block_size: int, cached_blocks: int
+    ) -> None:
+        self.kv_cache_usage.set(used_blocks / total_blocks if total_blocks else 0.0)
+        self.prefix_cache_blocks.set(cached_blocks)
+        self.kv_cache_tokens.set(used_blocks * block_size)
+        self.kv_cache_blocks_used.set(used_blocks)
+        self.kv_cache_blocks_total.set(total_blocks)
+
+    def scheduler_counters(self, preemptions: int, prefix_queries: int, prefix_hits: int) -> None:
+        # The engine publishes totals (called from one thread only); counters take deltas.
+        seen = self._seen
+        self.preemptions.inc(preemptions - seen[0])
+        self.prefix_queries.inc(prefix_queries - seen[1])
+        self.prefix_hits.inc(prefix_hits - seen[2])
+        self._seen = (preemptions, prefix_queries, prefix_hits)
 
     # per request --------------------------------------------------------------------------
 

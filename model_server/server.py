@@ -36,16 +36,14 @@ def prefill_chunk_for(requested: int, device_type: str) -> int:
     return 256 if device_type == "cpu" else 2048
 
 
-def kv_budget_tokens(loaded: LoadedModel, settings: Settings) -> int:
-    """The KV-cache budget: --kv-cache-tokens, else a share of free memory."""
-    cap = settings.max_num_seqs * loaded.max_model_len
+def kv_pool_tokens(loaded: LoadedModel, settings: Settings) -> int:
+    """The KV pool: --kv-cache-tokens, else --kv-cache-memory-fraction of free device memory
+    (host RAM on the CPU), at least one full context, at most every seat at full context."""
     if settings.kv_cache_tokens:
         return settings.kv_cache_tokens
-    cfg = loaded.model.config.get_text_config()
-    layers = cfg.num_hidden_layers
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = layers * 2 * heads * head_dim * loaded.dtype.itemsize
+    from .engine.runner import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
     device = loaded.device
     if device.type == "cuda":
         import torch
@@ -54,7 +52,8 @@ def kv_budget_tokens(loaded: LoadedModel, settings: Settings) -> int:
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     budget = int(free * settings.kv_cache_memory_fraction) // per_token
-    return max(loaded.max_model_len, min(cap, budget))
+    cap = settings.max_num_seqs * loaded.max_model_len
+    return max(loaded.max_model_len + 2 * settings.kv_block_size, min(cap, budget))
 
 
 class ModelServer:
@@ -79,6 +78,7 @@ class ModelServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.address = f"{settings.host}:{settings.port}"
+        self.engine_failed = asyncio.Event()
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)
@@ -118,17 +118,21 @@ class ModelServer:
         loaded = await done
         from .engine.engine import Engine, EngineConfig
 
-        budget = kv_budget_tokens(loaded, s)
+        pool = kv_pool_tokens(loaded, s)
         engine = Engine(
             loaded,
             EngineConfig(
                 max_num_seqs=s.max_num_seqs,
                 max_waiting=s.max_waiting,
-                kv_cache_tokens=budget,
+                kv_cache_tokens=pool,
+                block_size=s.kv_block_size,
                 prefill_chunk_tokens=prefill_chunk_for(s.prefill_chunk_tokens, loaded.device.type),
+                prefix_caching=s.prefix_caching,
+                step_timeout=s.step_timeout_seconds,
             ),
             self.metrics,
         )
+        engine.on_dead = self._engine_died
         engine.start()
         self.state.loaded, self.state.engine = loaded, engine
         self.metrics.model_loaded.set(1)
@@ -142,12 +146,21 @@ class ModelServer:
                     "device": str(loaded.device),
                     "dtype": str(loaded.dtype).removeprefix("torch."),
                     "max_model_len": loaded.max_model_len,
-                    "kv_cache_tokens": budget,
+                    "kv_cache_tokens": engine.pool_tokens,
+                    "kv_block_size": s.kv_block_size,
+                    "prefix_caching": s.prefix_caching,
                     "prefill_chunk_tokens": engine.config.prefill_chunk_tokens,
                     "load_seconds": round(time.perf_counter() - t0, 1),
                 }
             },
         )
+
+    def _engine_died(self, reason: str) -> None:
+        """The watchdog's verdict (on the event loop): NOT_SERVING at once, then exit non-zero
+        so the supervisor (systemd, Kubernetes) restarts the process."""
+        self.metrics.model_loaded.set(0)
+        asyncio.get_running_loop().create_task(self._set_health(_NOT_SERVING))
+        self.engine_failed.set()
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new calls, let in-flight streams finish within the grace."""
@@ -159,6 +172,10 @@ class ModelServer:
             self.state.engine.shutdown()
         self.metrics.model_loaded.set(0)
         log.info("stopped")
+
+
+# Exit status when the engine died (the watchdog): distinct from a load failure (1).
+EXIT_ENGINE_DEAD = 3
 
 
 async def serve(settings: Settings) -> int:
@@ -175,7 +192,14 @@ async def serve(settings: Settings) -> int:
         log.error("model failed to load: %s", loader.exception())
         await server.server.stop(grace=0)
         return 1
-    await stopper
+    failed = asyncio.create_task(server.engine_failed.wait())
+    await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
     loader.cancel()
+    if failed.done():
+        log.error("exiting: the engine is dead, the supervisor should restart this process")
+        server.state.draining = True
+        await server.server.stop(grace=1.0)
+        return EXIT_ENGINE_DEAD
+    failed.cancel()
     await server.drain()
     return 0

@@ -10,7 +10,14 @@ import grpc
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
-from .engine.types import FinishReason, GenerationRequest, QueueFullError, RequestTooLargeError
+from .engine.types import (
+    EngineDeadError,
+    FinishReason,
+    GenerationRequest,
+    QueueFullError,
+    RequestTooLargeError,
+    RowFailedError,
+)
 from .metrics import ServerMetrics
 from .models.base import ConversationError, LoadedModel
 from .validation import Defaults, InvalidArgument, messages_of, sampling_params
@@ -23,6 +30,15 @@ _FINISH = {
     FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
 }
+
+
+def _failure_status(error: BaseException) -> grpc.StatusCode:
+    """How a request that the engine ended with an error is reported."""
+    if isinstance(error, RowFailedError):
+        return grpc.StatusCode.INVALID_ARGUMENT  # its own numbers failed: a retry cannot help
+    if isinstance(error, EngineDeadError):
+        return grpc.StatusCode.UNAVAILABLE  # the process restarts: retry elsewhere
+    return grpc.StatusCode.INTERNAL
 
 
 class ServingState:
@@ -88,13 +104,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         try:
             async for out in stream:
                 if out.finish_reason is FinishReason.ABORTED:
                     if out.error is not None:
-                        await context.abort(
-                            grpc.StatusCode.INTERNAL, f"generation failed: {out.error}"
-                        )
+                        await context.abort(_failure_status(out.error), str(out.error))
                     return
                 msg = chat_pb2.ChatResponse(text=out.text, token_ids=out.token_ids)
                 if out.finish_reason is not None:

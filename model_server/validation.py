@@ -111,4 +111,5 @@ def sampling_params(
         ignore_eos=req.ignore_eos,
         seed=req.seed if req.HasField("seed") else None,
         stop=tuple(req.stop),
+        max_tokens_requested=req.HasField("max_tokens"),
     )

@@ -19,7 +19,7 @@ from procs import Proc, start_model_server
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
-BUDGET = 300  # KV-cache tokens: prompt + max_tokens summed over running requests
+POOL = 400  # KV-cache tokens: 25 blocks of 16 (lanes with padding and spare room included)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -30,65 +30,68 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
 
 
 def idle(server: Proc) -> bool:
+    """Nothing queued or running, and the only KV memory held is the prefix cache's."""
     m = server.metrics()
     return (
         m["glmserve_requests_running"] == 0
         and m["glmserve_requests_waiting"] == 0
-        and m["glmserve_kv_cache_tokens"] == 0
-        and m["glmserve_kv_cache_usage_ratio"] == 0
+        and m["glmserve_kv_cache_blocks_used"] == m["glmserve_prefix_cache_blocks"]
     )
 
 
 @pytest.fixture(scope="module")
-def budgeted(tiny_model_dir: Path) -> Iterator[Proc]:
-    with start_model_server(str(tiny_model_dir), "--kv-cache-tokens", str(BUDGET)) as server:
+def small_pool(tiny_model_dir: Path) -> Iterator[Proc]:
+    args = ("--kv-cache-tokens", str(POOL), "--no-prefix-caching")
+    with start_model_server(str(tiny_model_dir), *args) as server:
         yield server
 
 
-def test_request_that_can_never_fit_is_invalid_argument(budgeted):
-    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(budgeted.target))
+def test_request_that_can_never_fit_is_invalid_argument(small_pool):
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(small_pool.target))
     with pytest.raises(grpc.RpcError) as err:
-        collect(stub.Chat(chat_request("hello", max_tokens=BUDGET), timeout=10))
+        collect(stub.Chat(chat_request("hello", max_tokens=POOL), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert str(BUDGET) in err.value.details() and "max_tokens" in err.value.details()
-    assert idle(budgeted)
+    details = err.value.details()
+    assert f"max_tokens ({POOL})" in details and "holds 336 tokens" in details, details
+    assert idle(small_pool)
 
 
-def test_request_that_fits_later_waits_then_runs(budgeted):
-    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(budgeted.target))
+def solo(stub: chat_pb2_grpc.ChatServiceStub, prompt: str, n: int) -> list[int]:
+    _, msgs = collect(stub.Chat(chat_request(prompt, max_tokens=n, ignore_eos=True, temperature=0)))
+    return [t for m in msgs for t in m.token_ids]
+
+
+def test_pool_runs_out_the_youngest_is_preempted_and_resumes_without_a_seam(small_pool):
+    """Nothing is reserved for max_tokens: both start at once. When the pool cannot hold
+    both rows, the younger one is preempted, waits, is recomputed from its prompt plus what
+    it already streamed, and its client gets exactly its solo tokens: no repeat, no gap."""
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(small_pool.target))
+    alone = solo(stub, "second", 150)
+    before = small_pool.metrics()["glmserve_num_preemptions_total"]
     first = stub.Chat(chat_request("first", max_tokens=200, ignore_eos=True, temperature=0))
     next(first)
-    second = stub.Chat(chat_request("second", max_tokens=100, ignore_eos=True, temperature=0))
-    # Alone it fits; next to the first it does not: it waits rather than failing.
-    wait_until(lambda: budgeted.metrics()["glmserve_requests_waiting"] == 1, what="waiting=1")
-    assert budgeted.metrics()["glmserve_requests_running"] == 1
-    first_rest = list(first)
-    assert first_rest[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
-    _, msgs = collect(second)
-    assert msgs[-1].usage.completion_tokens == 100
-    wait_until(lambda: idle(budgeted), what="idle")
+    second = stub.Chat(chat_request("second", max_tokens=150, ignore_eos=True, temperature=0))
+    got = [t for m in second for t in m.token_ids]
+    rest = list(first)
+    assert rest[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
+    assert rest[-1].usage.completion_tokens == 200
+    assert got == alone
+    assert small_pool.metrics()["glmserve_num_preemptions_total"] > before
+    wait_until(lambda: idle(small_pool), what="idle")
 
 
-def test_cancel_frees_slot_and_cache_at_once(budgeted):
-    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(budgeted.target))
+def test_cancel_frees_slot_and_cache_at_once(small_pool):
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(small_pool.target))
     call = stub.Chat(chat_request("go", max_tokens=250, ignore_eos=True, temperature=0))
     next(call)
     # The gauges are published right after the first token is sent: wait for them, not race.
     wait_until(
-        lambda: (
-            budgeted.metrics()["glmserve_kv_cache_tokens"] > 0
-            and budgeted.metrics()["glmserve_kv_cache_usage_ratio"] > 0.5
-        ),
+        lambda: small_pool.metrics()["glmserve_kv_cache_blocks_used"] > 0,
         what="the KV gauges to show the running request",
     )
-    # A second request of the same size only fits once the first has let go of its share.
-    waiting = stub.Chat(chat_request("next", max_tokens=250, ignore_eos=True, temperature=0))
-    wait_until(lambda: budgeted.metrics()["glmserve_requests_waiting"] == 1, what="waiting=1")
     call.cancel()
-    first = next(waiting)  # admitted as soon as the cancelled request left
-    assert first.token_ids
-    waiting.cancel()
-    wait_until(lambda: idle(budgeted), timeout=5, what="gauges back to 0")
+    wait_until(lambda: idle(small_pool), timeout=5, what="gauges back to 0")
+    assert small_pool.metrics()["glmserve_kv_cache_blocks_used"] == 0
 
 
 PROMPTS = [

@@ -66,6 +66,11 @@ def test_detokenizer_streams_whole_characters(hf_tokenizer, text):
         assert any(p == "" for p in pieces[:-1])
 
 
+def pick(*args, **kwargs) -> list[int | None]:
+    """The sampled tokens (None for a row that failed)."""
+    return sample(*args, **kwargs).tokens
+
+
 def rows(*params: SamplingParams, seed: int = 0) -> list[RowSampling]:
     out = []
     for p in params:
@@ -76,8 +81,8 @@ def rows(*params: SamplingParams, seed: int = 0) -> list[RowSampling]:
 
 def test_greedy_and_top_k_one_agree():
     logits = torch.randn(3, 50)
-    greedy = sample(logits, rows(*[SamplingParams(max_tokens=1, temperature=0)] * 3), frozenset())
-    topk1 = sample(
+    greedy = pick(logits, rows(*[SamplingParams(max_tokens=1, temperature=0)] * 3), frozenset())
+    topk1 = pick(
         logits, rows(*[SamplingParams(max_tokens=1, temperature=1.0, top_k=1)] * 3), frozenset()
     )
     assert greedy == topk1 == logits.argmax(-1).tolist()
@@ -86,16 +91,16 @@ def test_greedy_and_top_k_one_agree():
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     p = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7)
-    seen = {sample(logits, rows(p, seed=s), frozenset())[0] for s in range(200)}
+    seen = {pick(logits, rows(p, seed=s), frozenset())[0] for s in range(200)}
     assert seen == {0, 1}
 
 
 def test_seeded_rows_are_independent_of_batch_neighbours():
     logits = torch.randn(1, 100)
     p = SamplingParams(max_tokens=1, temperature=1.0, seed=7)
-    alone = [sample(logits, rows(p, seed=7), frozenset())[0]]
+    alone = [pick(logits, rows(p, seed=7), frozenset())[0]]
     other = SamplingParams(max_tokens=1, temperature=1.0)
-    batched = sample(
+    batched = pick(
         torch.cat([torch.randn(1, 100), logits]),
         [rows(other, seed=99)[0], rows(p, seed=7)[0]],
         frozenset(),
@@ -110,29 +115,68 @@ def test_min_tokens_and_ignore_eos_suppress_eos():
         SamplingParams(max_tokens=5, temperature=0, min_tokens=3),
         SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
     ]
-    assert 2 not in sample(logits.clone(), rows(*params), frozenset({2}))
+    assert 2 not in pick(logits.clone(), rows(*params), frozenset({2}))
     done = rows(SamplingParams(max_tokens=5, temperature=0, min_tokens=3))
     done[0].num_generated = 3
-    assert sample(logits[:1], done, frozenset({2})) == [2]
+    assert pick(logits[:1], done, frozenset({2})) == [2]
 
 
 def test_penalties():
     logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
     state = PenaltyState([([], [0, 0])], 4, torch.device("cpu"))
     freq = rows(SamplingParams(max_tokens=1, temperature=0, frequency_penalty=0.1))
-    assert sample(logits.clone(), freq, frozenset(), state) == [1]  # 2.0 - 0.2 < 1.9
+    assert pick(logits.clone(), freq, frozenset(), state) == [1]  # 2.0 - 0.2 < 1.9
     rep = rows(SamplingParams(max_tokens=1, temperature=0, repetition_penalty=1.5))
-    assert sample(logits.clone(), rep, frozenset(), state) == [1]  # 2.0 / 1.5 < 1.9
+    assert pick(logits.clone(), rep, frozenset(), state) == [1]  # 2.0 / 1.5 < 1.9
     state2 = PenaltyState([([1], [])], 4, torch.device("cpu"))  # prompt tokens count too
-    assert sample(torch.tensor([[1.0, 1.2, 0.0, 0.0]]), rep, frozenset(), state2) == [0]
+    assert pick(torch.tensor([[1.0, 1.2, 0.0, 0.0]]), rep, frozenset(), state2) == [0]
 
 
 def test_nan_guard_picks_the_guard_token():
     logits = torch.tensor([[float("nan"), 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]])
-    out = sample(
+    out = pick(
         logits, rows(SamplingParams(max_tokens=1, temperature=0)), frozenset(), nan_guard_token_id=5
     )
     assert out == [5]
+
+
+def test_poisoned_rows_are_clamped_or_fail_alone():
+    """temperature 1e-40 is greedy, repetition_penalty 1e-40 is clamped, and a row whose
+    logits are NaN fails alone: every other row gets exactly its solo token."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 64)
+    normal = SamplingParams(max_tokens=1, temperature=0.8, seed=3)
+    solo = pick(logits[:1].clone(), rows(normal, seed=3), frozenset())
+    tiny_t = SamplingParams(max_tokens=1, temperature=1e-40, seed=1)
+    tiny_rep = SamplingParams(max_tokens=1, temperature=0.8, repetition_penalty=1e-40, seed=2)
+    batch = logits.clone()
+    batch[3] = float("nan")
+    state = PenaltyState([([], [])] * 2 + [([5, 6], [7])] + [([], [])], 64, torch.device("cpu"))
+    params = rows(normal, tiny_t, tiny_rep, normal, seed=3)
+    result = sample(batch, params, frozenset(), state)
+    assert result.tokens[0] == solo[0]
+    assert result.tokens[1] == int(logits[1].argmax())  # below SAMPLING_EPS: greedy
+    assert result.tokens[2] is not None  # clamped penalty: finite, sampled
+    assert result.tokens[3] is None and "non-finite" in result.failed[3]
+    assert set(result.failed) == {3}
+
+
+def test_logprobs_hook_uses_raw_logits_and_masks_apply_per_row():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    raw = logits.log_softmax(-1)
+    params = rows(
+        SamplingParams(max_tokens=1, temperature=0, repetition_penalty=2.0),
+        SamplingParams(max_tokens=1, temperature=0),
+    )
+    params[0].logprobs = 2
+    params[1].logit_masks.append(lambda row: row.__setitem__(3, float("-inf")))
+    state = PenaltyState([([3], []), ([], [])], 4, torch.device("cpu"))
+    result = sample(logits.clone(), params, frozenset(), state)
+    assert result.tokens == [2, 2]  # row 0: 3 penalised (3/2 < 2); row 1: 3 masked out
+    lp = result.logprobs[0]
+    assert abs(lp.logprob - float(raw[0, 2])) < 1e-6  # before the penalty
+    assert [t for t, _ in lp.top] == [3, 2] and abs(lp.top[0][1] - float(raw[0, 3])) < 1e-6
+    assert 1 not in result.logprobs  # rows that did not ask pay nothing
 
 
 def test_growable_layer_matches_concatenation():
@@ -177,24 +221,3 @@ def test_growable_layer_matches_concatenation():
     trimmed, trimmed_mask = kv.select(both, wide, torch.tensor([0, 1]))
     assert trimmed_mask.shape[1] == keys.shape[2] - kv.TRIM_MIN_COLUMNS
     assert torch.equal(trimmed.layers[0].keys, keys[:, :, kv.TRIM_MIN_COLUMNS :])
-
-
-def test_prefill_group_counts_padding_and_prefers_similar_lengths():
-    """A prefill group's padded size (rows x longest) stays within the budget, starting from
-    the oldest prompt and taking the closest lengths first."""
-    import collections
-    from types import SimpleNamespace
-
-    from model_server.engine.engine import Engine
-
-    def seq(n: int) -> SimpleNamespace:
-        return SimpleNamespace(prompt_ids=[1] * n)
-
-    head, short, mid, near, long_ = seq(100), seq(20), seq(60), seq(95), seq(300)
-    fake = SimpleNamespace(_prefilling=collections.deque([head, short, long_, mid, near]))
-    group = Engine._prefill_group(fake, head, 256)
-    assert group == [head, near]  # 2 x 100 = 200; adding a third row would pad to 300 > 256
-    assert len(group) * max(len(s.prompt_ids) for s in group) <= 256
-    fake = SimpleNamespace(_prefilling=collections.deque([short, head, mid, long_]))
-    # From a short head: 60 joins (2 x 60), 100 would pad three rows to 300; 300 is chunked.
-    assert Engine._prefill_group(fake, short, 256) == [short, mid]

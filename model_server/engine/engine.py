@@ -1,11 +1,16 @@
-"""The engine: one thread that owns torch and runs continuous batching.
+"""The engine: one thread that owns torch and runs continuous batching, and its watchdog.
 
-The event loop never touches torch and this thread never awaits. ``submit`` and ``abort`` are
-called from the event loop; they only append to thread-safe queues and wake the thread. Every
-step the thread (1) applies aborts, (2) admits waiting requests while seats and KV budget last,
-(3) prefills admitted prompts under a per-step token budget (long prompts in chunks), and
-(4) runs one decode step for the whole running batch. A long prompt therefore delays everyone's
-next token by at most one prefill chunk.
+Rooms: ``scheduler`` (torch-free policy: admission, prefill work, preemption, prefix
+matching), ``store`` (every byte of KV memory: lanes of the running batch, prefill caches,
+prefix blocks), ``runner`` (forward + sampling). This module is the thread loop that carries
+the scheduler's decisions out, plus the event-loop facade.
+
+The event loop never touches engine-thread state: ``submit`` and ``abort`` only append to
+thread-safe deques and wake the thread; the queue bound counts the streams the event loop
+itself holds; the gauges come from what the engine thread publishes. Outputs go back with
+``loop.call_soon_threadsafe``. A watchdog task on the event loop reads the thread's published
+heartbeat: when the thread dies or a step runs past ``step_timeout``, every open stream ends
+with ``EngineDeadError`` and ``on_dead`` tells the server to go NOT_SERVING and exit.
 """
 
 from __future__ import annotations
@@ -13,25 +18,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..models.base import LoadedModel
 from . import kv
-from .sampling import PenaltyState, sample
+from .blocks import PrefixIndex
+from .runner import ModelRunner, kv_bytes_per_token, weight_bytes
+from .sampling import PenaltyState
+from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .store import KVStore, Lane
 from .types import (
+    EngineDeadError,
     EngineObserver,
+    FinishReason,
     GenerationRequest,
     QueueFullError,
     RequestTooLargeError,
+    RowFailedError,
+    StepFailedError,
     StepOutput,
 )
 
@@ -42,10 +54,16 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_num_seqs: int = 64
     max_waiting: int = 512
-    # KV-cache budget in tokens: the sum over running requests of prompt + max_tokens.
-    kv_cache_tokens: int = 1 << 20
-    # Most prompt tokens prefilled per step; longer prompts are prefilled in chunks this size.
+    # The KV pool in tokens (rounded down to whole blocks): lanes with their padding, prefill
+    # caches and cached prefix blocks all come out of it.
+    kv_cache_tokens: int = 1 << 16
+    block_size: int = 16
+    # Most (padded) prompt tokens prefilled per step; longer prompts go in chunks this size.
     prefill_chunk_tokens: int = 512
+    prefix_caching: bool = True
+    # Watchdog: a step running longer than this declares the engine dead.
+    step_timeout: float = 60.0
+    max_lanes: int = 4
 
 
 class RequestStream:
@@ -56,11 +74,25 @@ class RequestStream:
         self.request_id = request_id
         self._loop = loop
         self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self.finished = False
+        self.seq: Sequence | None = None
+        self._ended = False  # a final output was delivered (event loop)
+        self.finished = False  # the consumer saw it
 
     def put_threadsafe(self, out: StepOutput) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+            self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _deliver(self, out: StepOutput) -> None:
+        if self._ended:
+            return  # already failed by the watchdog; late engine output is dropped
+        self._queue.put_nowait(out)
+        if out.finish_reason is not None:
+            self._ended = True
+            self._engine._stream_ended(self)
+
+    def fail(self, error: BaseException) -> None:
+        """Ends the stream from the event loop (the engine is dead)."""
+        self._deliver(StepOutput(finish_reason=FinishReason.ABORTED, error=error))
 
     def __aiter__(self) -> AsyncIterator[StepOutput]:
         return self._iterate()
@@ -73,18 +105,8 @@ class RequestStream:
             yield out
 
     def abort(self) -> None:
-        if not self.finished:
-            self._engine.abort(self.request_id)
-
-
-class _Batch:
-    """The running batch: rows, their shared left-padded KV cache and attention mask."""
-
-    def __init__(self) -> None:
-        self.rows: list[Sequence] = []
-        self.cache = kv.new_cache()
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.penalties: PenaltyState | None = None
+        if not self._ended and self.seq is not None:
+            self._engine.abort(self.seq)
 
 
 class Engine:
@@ -97,45 +119,71 @@ class Engine:
         self.loaded = loaded
         self.config = config
         self.observer = observer or EngineObserver()
-        self._model = loaded.model
+        self.runner = ModelRunner(loaded)
         self._device = loaded.device
-        self._vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
-        params = inspect.signature(self._model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.prefix: PrefixIndex[torch.Tensor] | None = (
+            PrefixIndex() if config.prefix_caching else None
+        )
+        self.kv = KVStore(
+            total_blocks=config.kv_cache_tokens // config.block_size,
+            block_size=config.block_size,
+            bytes_per_token=kv_bytes_per_token(loaded.model, loaded.dtype),
+            weight_bytes=weight_bytes(loaded.model),
+            vocab=self.runner.vocab,
+            device=loaded.device,
+            prefix=self.prefix,
+            max_lanes=config.max_lanes,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.prefill_chunk_tokens, config.block_size),
+            self.kv,
+            self.prefix,
+        )
+        # Handed from the event loop to the thread.
         self._inbox: collections.deque[Sequence] = collections.deque()
-        self._aborts: collections.deque[str] = collections.deque()
+        self._aborts: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._num_waiting = 0  # submitted, not yet admitted (guarded by _lock)
-        self._num_active = 0  # admitted, not yet finished (guarded by _lock)
-        self._waiting: collections.deque[Sequence] = collections.deque()
-        self._prefilling: collections.deque[Sequence] = collections.deque()
-        self._chunk_cache: kv.GrowableCache | None = None  # for the head of _prefilling
-        self._batch = _Batch()
+        # Event-loop side only.
+        self._streams: dict[int, RequestStream] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        self.dead: str | None = None
+        self.on_dead: Callable[[str], None] | None = None
+        # Published by the engine thread (plain attribute writes, read by the watchdog).
+        self._step_started: float | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="glmserve-engine", daemon=True)
-        self.error: BaseException | None = None
 
     # ---- event-loop side -------------------------------------------------------------------
 
+    @property
+    def pool_tokens(self) -> int:
+        return self.kv.total_blocks * self.config.block_size
+
     def start(self) -> None:
         self._thread.start()
+        with contextlib.suppress(RuntimeError):  # no running loop: no watchdog (tests)
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
         self._wake.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
-        """Queues a request. Raises QueueFullError or RequestTooLargeError at once."""
+        """Queues a request. Raises QueueFullError, RequestTooLargeError or EngineDeadError
+        at once."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is down ({self.dead})")
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        reserved = len(request.prompt_ids) + request.params.max_tokens
-        if reserved > self.config.kv_cache_tokens:
-            raise RequestTooLargeError(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
-                f"({request.params.max_tokens}) = {reserved} tokens exceeds the KV-cache budget "
-                f"of {self.config.kv_cache_tokens} tokens; lower max_tokens or the prompt"
+        self._check_fits(request)
+        cfg = self.config
+        if len(self._streams) >= cfg.max_num_seqs + cfg.max_waiting:
+            raise QueueFullError(
+                f"server busy: {len(self._streams)} requests in flight (--max-num-seqs "
+                f"{cfg.max_num_seqs} + --max-waiting {cfg.max_waiting}); retry later"
             )
         stream = RequestStream(self, request.request_id, asyncio.get_running_loop())
         seq = Sequence(
@@ -146,299 +194,338 @@ class Engine:
             self._device,
             self.observer,
         )
-        cfg = self.config
-        with self._lock:
-            # Seats first, then the bounded queue (the running count may lag by one step,
-            # which errs on the side of queueing).
-            if self._num_waiting + self.num_running >= cfg.max_num_seqs + cfg.max_waiting:
-                raise QueueFullError(
-                    f"server busy: {self.num_running} requests running and {self._num_waiting} "
-                    f"waiting (--max-num-seqs {cfg.max_num_seqs}, --max-waiting "
-                    f"{cfg.max_waiting}); retry later"
-                )
-            self._num_waiting += 1
-            self._inbox.append(seq)
-        self._publish_queue()
+        stream.seq = seq
+        self._streams[id(stream)] = stream
+        self._inbox.append(seq)
         self._wake.set()
         return stream
 
-    def abort(self, request_id: str) -> None:
-        self._aborts.append(request_id)
+    def _check_fits(self, request: GenerationRequest) -> None:
+        """A request that could never fit the pool, even alone, is refused at once."""
+        prompt, params = len(request.prompt_ids), request.params
+        reply = params.max_tokens if params.max_tokens_requested else 1
+        usable = self.pool_tokens - kv.GROW_TOKENS  # a row keeps spare room to grow into
+        if prompt + reply > usable:
+            what = (
+                f"prompt ({prompt} tokens) + max_tokens ({reply}) = {prompt + reply} tokens"
+                if params.max_tokens_requested
+                else f"the prompt ({prompt} tokens)"
+            )
+            raise RequestTooLargeError(
+                f"{what} exceeds the KV-cache pool, which holds {usable} tokens for one "
+                "request; lower max_tokens or shorten the prompt"
+            )
+
+    def abort(self, seq: Sequence) -> None:
+        self._aborts.append(seq)
         self._wake.set()
 
-    @property
-    def num_running(self) -> int:
-        """Admitted and not finished (prefilling, mid-join, or decoding)."""
-        return self._num_active
+    def _stream_ended(self, stream: RequestStream) -> None:
+        self._streams.pop(id(stream), None)
 
     @property
-    def num_waiting(self) -> int:
-        return self._num_waiting
+    def num_in_flight(self) -> int:
+        """Streams not yet ended (event-loop state)."""
+        return len(self._streams)
+
+    async def _watch(self) -> None:
+        interval = min(1.0, self.config.step_timeout / 4)
+        while not self._stop:
+            await asyncio.sleep(interval)
+            if self._stop:
+                return
+            reason = None
+            started = self._step_started
+            if not self._thread.is_alive():
+                reason = "the engine thread died"
+            elif started is not None and time.monotonic() - started > self.config.step_timeout:
+                reason = (
+                    f"an engine step has run for more than {self.config.step_timeout:g} s "
+                    "(--step-timeout-seconds)"
+                )
+            if reason is not None:
+                self._die(reason)
+                return
+
+    def _die(self, reason: str) -> None:
+        self.dead = reason
+        log.error("engine is dead: %s", reason)
+        error = EngineDeadError(f"the model server's engine failed ({reason}); retry later")
+        for stream in list(self._streams.values()):
+            stream.fail(error)
+        if self.on_dead is not None:
+            self.on_dead(reason)
 
     # ---- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
         # Everything on this thread, batch surgery included, works on inference tensors.
         with torch.inference_mode():
-            self._loop()
+            while not self._stop:
+                try:
+                    self._iteration()
+                except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+                    log.exception("engine step failed; failing the requests in it")
+                    self._fail_all(StepFailedError(f"generation failed: {type(exc).__name__}"))
+                finally:
+                    self._step_started = None
 
-    def _loop(self) -> None:
-        while not self._stop:
-            try:
-                self._take_inbox()
-                self._apply_aborts()
-                if not (self._waiting or self._prefilling or self._batch.rows):
-                    self._wake.wait(timeout=1.0)
-                    self._wake.clear()
-                    continue
-                self._admit()
-                if self._prefilling:
-                    self._prefill_step()
-                if self._batch.rows:
-                    self._decode_step()
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
-                log.exception("engine step failed; failing the requests in it")
-                self._fail_all(exc)
+    def _iteration(self) -> None:
+        self._take_inbox()
+        self._apply_aborts()
+        sched = self.scheduler
+        if not sched.has_work():
+            self._publish()
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            return
+        self._step_started = time.monotonic()
+        for seq in sched.admit():
+            if seq.prefix_hit:
+                self.kv.load_prefix(seq, seq.prefix_hit)  # type: ignore[arg-type]
+                seq.prefix_hit = []
+        self._prefill_step()
+        self._decode_step()
+        self._publish()
 
     def _take_inbox(self) -> None:
         while self._inbox:
-            self._waiting.append(self._inbox.popleft())
+            self.scheduler.add(self._inbox.popleft())
 
     def _apply_aborts(self) -> None:
         if not self._aborts:
             return
-        ids = set()
+        keys = set()
         while self._aborts:
-            ids.add(self._aborts.popleft())
+            keys.add(id(self._aborts.popleft()))
         # A request is submitted before it can be aborted: taking the inbox after draining the
         # aborts guarantees every aborted request is visible below (none slips through).
         self._take_inbox()
-        for seq in [s for s in self._waiting if s.request_id in ids]:
-            self._waiting.remove(seq)
-            with self._lock:
-                self._num_waiting -= 1
+        for seq in self.scheduler.remove(keys):
+            self._release(seq)
+            seq.state = "finished"
             seq.abort()
-        for seq in [s for s in self._prefilling if s.request_id in ids]:
-            if seq is self._prefilling[0]:
-                self._chunk_cache = None
-            self._prefilling.remove(seq)
-            self._end(seq)
-        gone = [s for s in self._batch.rows if s.request_id in ids]
-        for seq in gone:
-            self._end(seq)
-        if gone:
-            self._drop_finished()
-        self._publish_queue()
+        self._publish()
 
-    def _admit(self) -> None:
-        cfg = self.config
-        admitted = False
-        while self._waiting and self.num_running < cfg.max_num_seqs:
-            seq = self._waiting[0]
-            if self._reserved + seq.reserved_tokens > cfg.kv_cache_tokens:
-                break  # first come, first served: the head waits for room
-            self._waiting.popleft()
-            with self._lock:
-                self._num_waiting -= 1
-                self._num_active += 1
-            self._prefilling.append(seq)
-            admitted = True
-        if admitted:
-            self._publish_queue()
+    def _release(self, seq: Sequence) -> None:
+        """Frees the KV of a request that is leaving (its state says where it is)."""
+        if seq.state == "prefilling":
+            self.kv.drop_pending(seq)
+        elif seq.state == "running":
+            self.kv.leave(self.kv.lane_of(seq), [seq])
 
-    @property
-    def _reserved(self) -> int:
-        """KV tokens reserved by admitted requests (derived, so it can never drift)."""
-        return sum(s.reserved_tokens for s in self._prefilling) + sum(
-            s.reserved_tokens for s in self._batch.rows if not s.finished
+    def _preempt(self, seq: Sequence) -> None:
+        if seq.state == "running":
+            self.kv.leave(self.kv.lane_of(seq), [seq], shrink=True)
+        else:
+            self.kv.drop_pending(seq)
+        log.info(
+            "preempted",
+            extra={"fields": {"request_id": seq.request_id, "tokens": seq.num_tokens}},
         )
 
-    def _forward(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache: kv.GrowableCache,
-    ) -> torch.Tensor:
-        out = self._model(
-            input_ids=input_ids.to(self._device),
-            attention_mask=mask.to(self._device),
-            position_ids=positions.to(self._device),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: cache},
-        )
-        return out.logits[:, -1, :]
+    def _end(self, seqs: list[Sequence], error: BaseException) -> None:
+        """Ends requests that were taken out of the KV store already, with an error."""
+        for seq in seqs:
+            self.scheduler.finished(seq)
+            seq.abort(error)
+
+    # ---- prefill ---------------------------------------------------------------------------
 
     def _prefill_step(self) -> None:
-        """Prefills under the per-step budget: one chunk of a long prompt, or a group of short
-        prompts in one padded forward. Finished prompts get their first token and join."""
-        budget = self.config.prefill_chunk_tokens
-        head = self._prefilling[0]
-        if len(head.prompt_ids) > budget:
-            self._prefill_chunk(head, budget)
+        plan = self.scheduler.next_prefill()
+        if not plan:
             return
-        group = self._prefill_group(head, budget)
-        total = sum(len(s.prompt_ids) for s in group)
-        for s in group:
-            self._prefilling.remove(s)
-        length = max(len(s.prompt_ids) for s in group)
-        ids = torch.zeros(len(group), length, dtype=torch.long)
-        mask = torch.zeros(len(group), length, dtype=torch.long)
-        for i, s in enumerate(group):
-            n = len(s.prompt_ids)
-            ids[i, length - n :] = torch.tensor(s.prompt_ids)
-            mask[i, length - n :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = kv.new_cache()
+        head, n = plan[0]
+        if len(plan) == 1 and n < head.num_tokens - head.num_computed:
+            self._prefill_chunk(head, n)
+        else:
+            self._prefill_group([s for s, _ in plan])
+
+    def _prefill_chunk(self, seq: Sequence, n: int) -> None:
+        """One chunk of a prompt longer than the per-step budget, into its own cache."""
+        cache, mask = self.kv.chunk_cache(seq)
+        start = seq.num_computed
+        ids = torch.tensor([seq.tokens[start : start + n]])
+        mask = torch.cat([mask, torch.ones(1, n, dtype=torch.long)], dim=1)
+        positions = torch.arange(start, start + n).unsqueeze(0)
+        try:
+            self.runner.forward(ids, mask, positions, cache)
+        except Exception as exc:  # noqa: BLE001 - pinned on this request alone
+            log.exception("prefill chunk failed")
+            self.kv.drop_pending(seq)
+            self._end([seq], StepFailedError(f"prefill failed: {type(exc).__name__}"))
+            return
+        self.kv.set_chunk_mask(seq, mask)
+        seq.num_computed += n
+        self.observer.step("prefill", 1, n)
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        """Prefills the rest of each prompt in one left-padded forward, samples each first
+        token; the unfinished rows join a lane."""
+        todo = [s.num_tokens - s.num_computed for s in group]
+        longest = max(todo)
+        cache, cached_mask = self.kv.take_group(group, spare=longest)
+        ids = torch.zeros(len(group), longest, dtype=torch.long)
+        new_mask = torch.zeros(len(group), longest, dtype=torch.long)
+        positions = torch.zeros(len(group), longest, dtype=torch.long)
+        for i, (s, n) in enumerate(zip(group, todo)):
+            ids[i, longest - n :] = torch.tensor(s.tokens[s.num_computed :])
+            new_mask[i, longest - n :] = 1
+            positions[i, longest - n :] = torch.arange(s.num_computed, s.num_tokens)
+        mask = torch.cat([cached_mask, new_mask], dim=1)
         t0 = time.perf_counter()
-        logits = self._forward(ids, mask, positions, cache)
-        self.observer.step("prefill", len(group), total)
+        try:
+            logits = self.runner.forward(ids, mask, positions, cache)
+        except Exception as exc:  # noqa: BLE001 - this step's requests fail, nobody else
+            log.exception("prefill failed")
+            self._end(group, StepFailedError(f"prefill failed: {type(exc).__name__}"))
+            return
+        self.observer.step("prefill", len(group), sum(todo))
         log.debug(
-            "prefill %d seqs %d tokens %.1f ms", len(group), total, (time.perf_counter() - t0) * 1e3
+            "prefill %d seqs %d tokens %.1f ms",
+            len(group),
+            sum(todo),
+            (time.perf_counter() - t0) * 1e3,
         )
         for s in group:
-            s.prefilled = len(s.prompt_ids)
-        self._start_decoding(group, logits, cache, mask)
-
-    def _prefill_group(self, head: Sequence, budget: int) -> list[Sequence]:
-        """The oldest prompt plus admitted prompts of similar length, while the *padded* size
-        (rows x longest) stays within the budget: padding is compute too."""
-        group, longest = [head], len(head.prompt_ids)
-        others = sorted(
-            (s for s in self._prefilling if s is not head and len(s.prompt_ids) <= budget),
-            key=lambda s: abs(len(s.prompt_ids) - len(head.prompt_ids)),
-        )
-        for seq in others:
-            new_longest = max(longest, len(seq.prompt_ids))
-            if new_longest * (len(group) + 1) > budget:
-                continue
-            group.append(seq)
-            longest = new_longest
-        return group
-
-    def _prefill_chunk(self, seq: Sequence, budget: int) -> None:
-        if self._chunk_cache is None:
-            self._chunk_cache = kv.new_cache()
-        start = seq.prefilled
-        end = min(len(seq.prompt_ids), start + budget)
-        ids = torch.tensor([seq.prompt_ids[start:end]])
-        mask = torch.ones(1, end, dtype=torch.long)
-        positions = torch.arange(start, end).unsqueeze(0)
-        logits = self._forward(ids, mask, positions, self._chunk_cache)
-        self.observer.step("prefill", 1, end - start)
-        seq.prefilled = end
-        if end == len(seq.prompt_ids):
-            cache, self._chunk_cache = self._chunk_cache, None
-            self._prefilling.popleft()
-            self._start_decoding([seq], logits, cache, mask)
-
-    def _start_decoding(
-        self,
-        group: list[Sequence],
-        logits: torch.Tensor,
-        cache: kv.GrowableCache,
-        mask: torch.Tensor,
-    ) -> None:
-        """Samples each new sequence's first token; the unfinished ones join the batch."""
+            s.num_computed = s.num_tokens
+        for i, s in enumerate(group):
+            self._cache_prefix(s, cache, mask, i)
         penalties = None
         if any(s.params.needs_penalties for s in group):
             penalties = PenaltyState(
-                [(s.prompt_ids, s.output_ids) for s in group], self._vocab, logits.device
+                [(s.prompt_ids, s.output_ids) for s in group], self.runner.vocab, logits.device
             )
-        tokens = self._sample(logits, group, penalties)
-        keep = [i for i, (s, t) in enumerate(zip(group, tokens)) if not self._append(s, t)]
-        if not keep:
+        try:
+            result = self.runner.sample(logits, [s.sampling for s in group], penalties)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("sampling failed")
+            self._end(group, StepFailedError(f"sampling failed: {type(exc).__name__}"))
             return
-        if len(keep) < len(group):
-            cache, mask = kv.select(cache, mask, torch.tensor(keep))
-        joined = [group[i] for i in keep]
-        b = self._batch
-        if b.rows:
-            b.cache, b.mask = kv.concat([b.cache, cache], [b.mask, mask])
-        else:
-            b.cache, b.mask = cache, mask
-        b.rows.extend(joined)
-        self._rebuild_penalties()
-        self._publish_queue()
+        joining = []
+        for i, s in enumerate(group):
+            token = result.tokens[i]
+            if token is None:
+                self._end([s], RowFailedError(result.failed[i]))
+            elif self._append(s, token):
+                self.scheduler.finished(s)
+            else:
+                joining.append(i)
+        if not joining:
+            return
+        if len(joining) < len(group):
+            cache, mask = kv.select(cache, mask, torch.tensor(joining))
+        rows = [group[i] for i in joining]
+        self.scheduler.joined(rows)
+        # Admission reserved this; only an estimate's error can make the join short of room.
+        self.scheduler.make_room(self.kv.join_cost(len(rows), mask.shape[1]), self._preempt, rows)
+        self.kv.join(rows, cache, mask)
+
+    def _cache_prefix(
+        self, seq: Sequence, cache: kv.GrowableCache, mask: torch.Tensor, row: int
+    ) -> None:
+        """Keeps the request's full blocks for later requests with the same prefix, evicting
+        least-recently-used blocks for room (never preempting anyone for it)."""
+        if self.prefix is None:
+            return
+        want = seq.num_computed // self.config.block_size - seq.cached_blocks
+        if want <= 0:
+            return
+        self.scheduler.free_up(want)
+        try:
+            self.kv.cache_prefix(seq, cache, mask, row, min(want, self.scheduler.available()))
+        except Exception:  # noqa: BLE001 - caching is an optimisation, never a failure
+            log.exception("prefix caching failed; continuing without it for this request")
+
+    # ---- decode ----------------------------------------------------------------------------
 
     def _decode_step(self) -> None:
-        b = self._batch
-        rows = b.rows
+        if not self.kv.lanes:
+            return
+        need = self.kv.decode_growth()
+        if need and not self.scheduler.make_room(need, self._preempt):
+            # Even with everyone else preempted the pool cannot hold one more token.
+            for lane in list(self.kv.lanes):
+                if lane.width + 1 > lane.capacity():
+                    self.kv.drop_lane(lane)
+                    for s in lane.rows:
+                        self.scheduler.finished(s)
+                        s.truncate()
+        for lane in list(self.kv.lanes):
+            self._decode_lane(lane)
+
+    def _fail_lane(self, lane: Lane, what: str, exc: Exception) -> None:
+        log.exception("%s failed for a lane of %d requests", what, len(lane.rows))
+        self.kv.drop_lane(lane)
+        self._end(list(lane.rows), StepFailedError(f"{what} failed: {type(exc).__name__}"))
+
+    def _decode_lane(self, lane: Lane) -> None:
+        rows = lane.rows
         ids = torch.tensor([[s.output_ids[-1]] for s in rows])
         positions = torch.tensor([[s.num_tokens - 1] for s in rows])
-        b.mask = torch.cat([b.mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-        logits = self._forward(ids, b.mask, positions, b.cache)
+        mask = torch.cat([lane.mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        try:
+            logits = self.runner.forward(ids, mask, positions, lane.cache)
+        except Exception as exc:  # noqa: BLE001 - the lane's cache is now inconsistent
+            self._fail_lane(lane, "decode", exc)
+            return
+        lane.mask = mask
         self.observer.step("decode", len(rows), len(rows))
-        tokens = self._sample(logits, rows, b.penalties)
-        if b.penalties is not None:
-            b.penalties.record(torch.tensor(tokens, device=logits.device))
-        finished = False
-        for s, t in zip(rows, tokens):
-            finished |= self._append(s, t)
-        if finished:
-            self._drop_finished()
-        cached = b.mask.shape[0] * b.mask.shape[1]
-        self.observer.kv_usage(self._reserved, self.config.kv_cache_tokens, cached)
-
-    def _sample(
-        self, logits: torch.Tensor, rows: list[Sequence], penalties: PenaltyState | None
-    ) -> list[int]:
-        return sample(
-            logits,
-            [s.sampling for s in rows],
-            self.loaded.eos_token_ids,
-            penalties,
-            self.loaded.nan_guard_token_id,
-        )
+        for s in rows:
+            s.num_computed += 1
+        try:
+            result = self.runner.sample(logits, [s.sampling for s in rows], lane.penalties)
+        except Exception as exc:  # noqa: BLE001
+            self._fail_lane(lane, "sampling", exc)
+            return
+        if lane.penalties is not None:
+            lane.penalties.record(
+                torch.tensor([t or 0 for t in result.tokens], device=logits.device)
+            )
+        done: list[Sequence] = []
+        for i, s in enumerate(rows):
+            token = result.tokens[i]
+            if token is None:
+                done.append(s)
+                s.abort(RowFailedError(result.failed[i]))
+            elif self._append(s, token):
+                if not s.failed:
+                    self._cache_prefix(s, lane.cache, lane.mask, i)
+                done.append(s)
+        if done:
+            self.kv.leave(lane, done)
+            for s in done:
+                self.scheduler.finished(s)
 
     def _append(self, seq: Sequence, token: int) -> bool:
-        done = seq.append_token(token, self.loaded.eos_token_ids)
-        if done:
-            with self._lock:
-                self._num_active -= 1
-        return done
+        """Adds a token; True when the request is done (finished, or failed alone)."""
+        try:
+            return seq.append_token(token, self.loaded.eos_token_ids)
+        except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer bug: this request only
+            log.exception("appending a token failed")
+            seq.failed = True
+            seq.abort(StepFailedError(f"generation failed: {type(exc).__name__}"))
+            return True
 
-    def _end(self, seq: Sequence, error: BaseException | None = None) -> None:
-        """Ends an admitted sequence early (abort or failure); frees its seat."""
-        if not seq.finished:
+    def _fail_all(self, error: BaseException) -> None:
+        """A failure outside any one forward: every admitted request ends; the queue stays."""
+        sched = self.scheduler
+        for seq in [*sched.prefilling, *sched.running]:
+            sched.finished(seq)
             seq.abort(error)
-            with self._lock:
-                self._num_active -= 1
+        self.kv.reset()
+        self._publish()
 
-    def _drop_finished(self) -> None:
-        b = self._batch
-        keep = [i for i, s in enumerate(b.rows) if not s.finished]
-        if len(keep) == len(b.rows):
-            return
-        b.rows = [b.rows[i] for i in keep]
-        if b.rows:
-            b.cache, b.mask = kv.select(b.cache, b.mask, torch.tensor(keep))
-        else:
-            b.cache, b.mask = kv.new_cache(), torch.zeros(0, 0, dtype=torch.long)
-        self._rebuild_penalties()
-        self._publish_queue()
-
-    def _rebuild_penalties(self) -> None:
-        b = self._batch
-        if any(s.params.needs_penalties for s in b.rows):
-            b.penalties = PenaltyState(
-                [(s.prompt_ids, s.output_ids) for s in b.rows], self._vocab, self._device
-            )
-        else:
-            b.penalties = None
-
-    def _fail_all(self, exc: BaseException) -> None:
-        for seq in list(self._prefilling) + self._batch.rows:
-            self._end(seq, exc)
-        self._prefilling.clear()
-        self._chunk_cache = None
-        self._batch = _Batch()
-        self._publish_queue()
-
-    def _publish_queue(self) -> None:
-        self.observer.queue_changed(self.num_running, self._num_waiting)
-        b = self._batch
+    def _publish(self) -> None:
+        sched = self.scheduler
+        self.observer.queue_changed(sched.num_admitted, len(sched.waiting) + len(self._inbox))
         self.observer.kv_usage(
-            self._reserved, self.config.kv_cache_tokens, b.mask.shape[0] * b.mask.shape[1]
+            self.kv.used_blocks(),
+            self.kv.total_blocks,
+            self.config.block_size,
+            len(self.prefix) if self.prefix is not None else 0,
+        )
+        self.observer.scheduler_counters(
+            sched.num_preemptions, sched.prefix_queries, sched.prefix_hits
         )

@@ -1,9 +1,11 @@
 """Batch surgery on a transformers KV cache: the rows of the running batch.
 
-The running batch is one left-padded cache ``[B, heads, T, head_dim]`` per layer plus a 2-D
-attention mask. Requests join (rows appended after left-padding to a common length) and leave
-(rows selected away, then the all-padding columns on the left trimmed). transformers' attention
-masks handle the padding, so the model forward is unchanged.
+A lane of the running batch is one left-padded cache ``[B, heads, T, head_dim]`` per layer plus
+a 2-D attention mask. Requests join (rows appended after left-padding to a common length) and
+leave (rows selected away, then the all-padding columns on the left trimmed). transformers'
+attention masks handle the padding, so the model forward is unchanged. Prefix-cache blocks are
+copied out of a row (``extract_blocks``) and back into a new request's cache
+(``cache_from_blocks``).
 
 The layers are :class:`GrowableLayer`: a ``DynamicLayer`` whose keys/values live in a buffer
 with spare room, so a decode step writes one position in place. transformers' ``DynamicLayer``
@@ -113,45 +115,55 @@ def new_cache() -> GrowableCache:
     return GrowableCache()
 
 
-def cache_len(cache: DynamicCache) -> int:
-    return cache.get_seq_length()
-
-
-def _pad_left(t: torch.Tensor, pad: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, pad, 0)) if pad else t
+def nbytes(cache: GrowableCache | None) -> int:
+    """Bytes the cache's buffers really hold (spare room and rows kept after a leave too)."""
+    if cache is None:
+        return 0
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "_k", None), getattr(layer, "_v", None)):
+            if t is not None:
+                total += t.untyped_storage().nbytes()
+    return total
 
 
 def concat(
-    caches: Sequence[DynamicCache], masks: Sequence[torch.Tensor]
+    caches: Sequence[GrowableCache | None],
+    masks: Sequence[torch.Tensor],
+    spare: int = GROW_TOKENS,
 ) -> tuple[GrowableCache, torch.Tensor]:
     """Stacks several batches into one, left-padding each to the longest.
 
-    Each layer is written once, straight into a buffer with spare room (no second copy when
-    the next decode step appends).
+    Each layer is written once, straight into a buffer with ``spare`` free positions (no
+    second copy when the next forward appends). A part may be ``None`` when its mask has no
+    columns (a prompt with nothing cached yet).
     """
     length = max(m.shape[1] for m in masks)
     rows = [m.shape[0] for m in masks]
     pads = [length - m.shape[1] for m in masks]
+    mask = torch.cat([F.pad(m, (p, 0)) for m, p in zip(masks, pads)])
+    present = [c for c, m in zip(caches, masks) if c is not None and m.shape[1]]
+    if not present:
+        return new_cache(), mask
     layers = []
-    for per_layer in zip(*(c.layers for c in caches)):
-        first = per_layer[0].keys
+    for li, template in enumerate(present[0].layers):
         layer = GrowableLayer()
-        layer.lazy_initialization(first, first)
+        layer.lazy_initialization(template.keys, template.keys)
         bufs = []
         for attr in ("keys", "values"):
-            parts = [getattr(part, attr) for part in per_layer]
-            h, d = parts[0].shape[1], parts[0].shape[3]
-            buf = parts[0].new_empty(sum(rows), h, length + GROW_TOKENS, d)
+            like = getattr(template, attr)
+            h, d = like.shape[1], like.shape[3]
+            buf = like.new_empty(sum(rows), h, length + spare, d)
             r = 0
-            for t, n, pad in zip(parts, rows, pads):
+            for cache, m, n, pad in zip(caches, masks, rows, pads):
                 if pad:  # padding must be finite: a masked weight of 0 times NaN is still NaN
                     buf[r : r + n, :, :pad].zero_()
-                buf[r : r + n, :, pad:length] = t
+                if cache is not None and m.shape[1]:
+                    buf[r : r + n, :, pad:length] = getattr(cache.layers[li], attr)
                 r += n
             bufs.append(buf)
         layer.set_buffers(bufs[0], bufs[1], length)
         layers.append(layer)
-    mask = torch.cat([F.pad(m, (length - m.shape[1], 0)) for m in masks])
     return GrowableCache(layers), mask
 
 
@@ -160,20 +172,63 @@ TRIM_MIN_COLUMNS = 64
 
 
 def select(
-    cache: GrowableCache, mask: torch.Tensor, keep: torch.Tensor
+    cache: GrowableCache, mask: torch.Tensor, keep: torch.Tensor, shrink: bool = False
 ) -> tuple[GrowableCache, torch.Tensor]:
     """Keeps rows ``keep`` (ascending). Rows move down in place inside the same buffers; the
     leading columns that are padding in every kept row are trimmed when there are enough of
-    them to be worth a copy."""
+    them to be worth a copy. ``shrink`` copies into exact-size buffers, so the memory of the
+    rows that left goes back (a preemption needs it)."""
     mask = mask[keep]
     real = mask.any(dim=0).nonzero()
     start = int(real[0]) if real.numel() else mask.shape[1]
-    if start < TRIM_MIN_COLUMNS:
-        start = 0
+    if start < TRIM_MIN_COLUMNS and not shrink:
         order = keep.tolist()
         for layer in cache.layers:
             layer.compact_rows(order)
-    else:
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
+        return cache, mask
+    for layer in cache.layers:  # advanced indexing copies into exact-size tensors
+        layer.keys, layer.values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
     return cache, mask[:, start:]
+
+
+def row_columns(mask_row: torch.Tensor) -> torch.Tensor:
+    """Columns of one row's tokens, in order (rows are left-padded and may have holes where
+    a cached prefix met a shorter new segment)."""
+    return mask_row.nonzero().squeeze(1)
+
+
+def extract_blocks(
+    cache: GrowableCache, row: int, columns: torch.Tensor, block_size: int
+) -> list[torch.Tensor]:
+    """Copies whole blocks of one row out of a batch cache: one ``[layers, 2, heads,
+    block_size, head_dim]`` tensor per block (each its own allocation, so evicting a block
+    frees exactly its memory)."""
+    n = columns.numel() // block_size
+    if n == 0:
+        return []
+    first = cache.layers[0].keys
+    h, d = first.shape[1], first.shape[3]
+    out = first.new_empty(n, len(cache.layers), 2, h, block_size, d)
+    for li, layer in enumerate(cache.layers):
+        for kv_i, t in enumerate((layer.keys, layer.values)):
+            part = t[row][:, columns[: n * block_size]]  # [h, n*bs, d]
+            out[:, li, kv_i] = part.view(h, n, block_size, d).transpose(0, 1)
+    return [b.clone() for b in out]
+
+
+def cache_from_blocks(blocks: list[torch.Tensor], spare: int = GROW_TOKENS) -> GrowableCache:
+    """A one-row cache holding the given consecutive blocks (a prefix-cache hit)."""
+    stacked = torch.stack(blocks)  # [n, layers, 2, h, bs, d]
+    n, num_layers, _, h, bs, d = stacked.shape
+    layers = []
+    for li in range(num_layers):
+        layer = GrowableLayer()
+        bufs = []
+        for kv_i in range(2):
+            buf = stacked.new_empty(1, h, n * bs + spare, d)
+            buf[0, :, : n * bs] = stacked[:, li, kv_i].transpose(0, 1).reshape(h, n * bs, d)
+            bufs.append(buf)
+        layer.lazy_initialization(bufs[0], bufs[1])
+        layer.set_buffers(bufs[0], bufs[1], n * bs)
+        layers.append(layer)
+    return GrowableCache(layers)

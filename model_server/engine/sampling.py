@@ -1,18 +1,34 @@
 """Batched sampling where every row keeps its own parameters and its own random stream.
 
-One call handles the whole running batch: penalties, eos suppression, temperature, top-k, top-p
-are applied as tensor ops over [B, V]; only the final draw loops over rows, so each request's
-seeded ``torch.Generator`` gives the same tokens whatever else is in the batch.
+One call handles a whole lane of the running batch: penalties, eos suppression, temperature,
+top-k, top-p are applied as tensor ops over [B, V]; only the final draw loops over rows, so
+each request's seeded ``torch.Generator`` gives the same tokens whatever else is in the batch.
+
+Isolation: one row can never fail another. Values that would overflow are clamped (a
+temperature below ``SAMPLING_EPS`` is greedy, the repetition penalty is kept in
+``[MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY]``), and a row whose logits are still not
+finite fails alone (``SampleResult.failed``); the others get exactly the tokens they would
+have got without it.
+
+Per-row hooks, for structured output and logprobs: ``RowSampling.logit_masks`` edit a row's
+processed logits in place (e.g. forbid tokens a grammar does not allow), and
+``RowSampling.logprobs`` asks for the log-softmax of the row's *raw* logits (before penalties,
+temperature or masks, as vLLM reports them). Rows without them cost nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .types import SamplingParams
+
+MIN_REPETITION_PENALTY = 1e-2
+MAX_REPETITION_PENALTY = 1e2
+
+LogitMask = Callable[[torch.Tensor], None]
 
 
 @dataclass
@@ -22,6 +38,25 @@ class RowSampling:
     params: SamplingParams
     generator: torch.Generator | None
     num_generated: int
+    logit_masks: list[LogitMask] = field(default_factory=list)
+    logprobs: int | None = None  # top-k alternatives wanted (0: only the chosen token's)
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities from the raw logits: the chosen token's and the top alternatives."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class SampleResult:
+    """One token per row; ``None`` where the row failed (``failed`` says why)."""
+
+    tokens: list[int | None]
+    failed: dict[int, str] = field(default_factory=dict)
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
 
 
 class PenaltyState:
@@ -52,6 +87,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[RowSampling], state: Pe
     """In place. Repetition penalty (CTRL) over prompt+output; presence/frequency (OpenAI)."""
     dev = logits.device
     rep = torch.tensor([r.params.repetition_penalty for r in rows], device=dev).unsqueeze(1)
+    rep = rep.clamp(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
     pres = torch.tensor([r.params.presence_penalty for r in rows], device=dev).unsqueeze(1)
     freq = torch.tensor([r.params.frequency_penalty for r in rows], device=dev).unsqueeze(1)
     counts = state.output_counts
@@ -61,24 +97,37 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[RowSampling], state: Pe
     logits -= freq * counts + pres * (counts > 0).float()
 
 
+def _not_finite(logits: torch.Tensor) -> torch.Tensor:
+    """Rows with a NaN or +inf (-inf is a legitimate "never this token")."""
+    return (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
+
+
 def sample(
     logits: torch.Tensor,
     rows: Sequence[RowSampling],
     eos_token_ids: frozenset[int],
     penalties: PenaltyState | None = None,
     nan_guard_token_id: int | None = None,
-) -> list[int]:
+) -> SampleResult:
     """Picks one token per row of ``logits`` ([B, V], any float dtype).
 
     fp32 logits are modified in place (they are the step's own output; copying [B, V] every
-    step would cost more than the sampling itself).
+    step would cost more than the sampling itself), after the raw log-probabilities that rows
+    asked for are taken.
     """
     logits = logits.float()
-    if nan_guard_token_id is not None:
-        bad = ~torch.isfinite(logits).all(dim=-1)
-        if bool(bad.any()):
+    result = SampleResult(tokens=[None] * len(rows))
+    want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+    raw_logprobs = logits[want].log_softmax(dim=-1) if want else None
+    bad = _not_finite(logits)
+    if bool(bad.any()):
+        if nan_guard_token_id is not None:  # ChatGLM2's own guard: carry on with one token
             logits[bad] = 0.0
             logits[bad, nan_guard_token_id] = 5e4
+        else:
+            for i in bad.nonzero().squeeze(1).tolist():
+                result.failed[i] = "the model produced non-finite logits (NaN/inf)"
+            logits[bad] = 0.0  # keeps the batched ops below finite; the row is dropped
     if penalties is not None:
         apply_penalties(logits, rows, penalties)
     if eos_token_ids:
@@ -86,19 +135,45 @@ def sample(
         for i, r in enumerate(rows):
             if r.params.ignore_eos or r.num_generated < r.params.min_tokens:
                 logits[i, eos] = float("-inf")
+    for i, r in enumerate(rows):
+        for mask in r.logit_masks:
+            mask(logits[i])
+    bad = _not_finite(logits) | (logits == float("-inf")).all(dim=-1)
+    for i in bad.nonzero().squeeze(1).tolist():
+        result.failed.setdefault(i, "no token can be sampled (every logit is -inf or NaN)")
 
-    out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    out = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+    live = [i for i in range(len(rows)) if i not in result.failed]
+    greedy = [i for i in live if rows[i].params.greedy]
+    sampled = [i for i in live if not rows[i].params.greedy]
     if greedy:
         idx = torch.tensor(greedy, device=logits.device)
         out[idx] = logits[idx].argmax(dim=-1)
     if sampled:
         idx = torch.tensor(sampled, device=logits.device)
         probs = _filtered_probs(logits[idx], [rows[i].params for i in sampled])
+        ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
         for j, i in enumerate(sampled):
+            if not bool(ok[j]):
+                result.failed[i] = "the sampling distribution is not finite"
+                continue
             out[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-    return out.tolist()
+    tokens = out.tolist()
+    for i in range(len(rows)):
+        if i not in result.failed:
+            result.tokens[i] = tokens[i]
+    if raw_logprobs is not None:
+        for j, i in enumerate(want):
+            if i in result.failed:
+                continue
+            row = raw_logprobs[j]
+            k = rows[i].logprobs or 0
+            top = row.topk(k) if k else None
+            result.logprobs[i] = TokenLogprobs(
+                float(row[tokens[i]]),
+                [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
+            )
+    return result
 
 
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

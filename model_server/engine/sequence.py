@@ -18,7 +18,8 @@ log = logging.getLogger("glmserve.requests")
 
 
 class Sequence:
-    """One request's journey: waiting → prefilling → running → finished."""
+    """One request's journey: waiting → prefilling → running → finished (a preempted request
+    goes back to waiting, keeps what it generated and recomputes its KV later)."""
 
     def __init__(
         self,
@@ -35,10 +36,18 @@ class Sequence:
         self.prompt_ids = request.prompt_ids
         self.output_ids: list[int] = []
         self.emit = emit
-        self.prefilled = 0  # prompt tokens already in this sequence's cache
+        # Scheduler state (see scheduler.SchedSeq).
+        self.state = "waiting"
+        self.num_computed = 0  # tokens whose KV this request holds
+        self.admitted_order = -1
+        self.reserved_blocks = 0
+        self.block_hashes: list[bytes] = []  # chain hashes of its full blocks, as known so far
+        self.prefix_hit: list[object] = []  # cached blocks to load at admission
+        self.cached_blocks = 0  # leading blocks known to be in the prefix cache
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished = False
+        self.failed = False  # ended by an error of its own (its KV is never cached)
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stop = StopStringMatcher(self.params.stop)
         self._filter = reply_filter
@@ -56,13 +65,21 @@ class Sequence:
         return self.request.request_id
 
     @property
-    def reserved_tokens(self) -> int:
-        """KV-cache tokens this request may come to hold (admission reserves them)."""
-        return len(self.prompt_ids) + self.params.max_tokens
+    def tokens(self) -> list[int]:
+        """Prompt + generated tokens: what a recomputation after preemption covers."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: the KV is gone; what was generated (and streamed) and the random
+        generator's state stay, so the client sees a pause, never a repeated token."""
+        self.num_computed = 0
+        self.reserved_blocks = 0
+        self.prefix_hit = []
+        self.cached_blocks = 0
 
     def append_token(self, token: int, eos_token_ids: frozenset[int]) -> bool:
         """Adds a sampled token, emits its text; returns True when the request is finished."""
@@ -102,27 +119,47 @@ class Sequence:
         ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
         out.time_to_first_token = ttft
         out.duration = now - self.arrival
-        self._observer.request_finished(
-            reason.value, out.usage.prompt_tokens, out.usage.completion_tokens, ttft, out.duration
-        )
-        log.info(
-            "request done",
-            extra={
-                "fields": {
-                    "request_id": self.request_id,
-                    "prompt_tokens": out.usage.prompt_tokens,
-                    "completion_tokens": out.usage.completion_tokens,
-                    "ttft_ms": None if ttft is None else round(ttft * 1e3, 1),
-                    "duration_ms": round(out.duration * 1e3, 1),
-                    "finish_reason": reason.value,
-                }
-            },
-        )
+        try:  # a metrics or logging failure must never keep the stream from ending
+            self._observer.request_finished(
+                reason.value,
+                out.usage.prompt_tokens,
+                out.usage.completion_tokens,
+                ttft,
+                out.duration,
+            )
+            log.info(
+                "request done",
+                extra={
+                    "fields": {
+                        "request_id": self.request_id,
+                        "prompt_tokens": out.usage.prompt_tokens,
+                        "completion_tokens": out.usage.completion_tokens,
+                        "ttft_ms": None if ttft is None else round(ttft * 1e3, 1),
+                        "duration_ms": round(out.duration * 1e3, 1),
+                        "finish_reason": reason.value,
+                        **({"error": str(out.error)} if out.error is not None else {}),
+                    }
+                },
+            )
+        except Exception:  # noqa: BLE001
+            log.exception("recording a finished request failed")
 
     def abort(self, error: BaseException | None = None) -> None:
-        """Ends the stream without a reply (caller gone, or an engine failure)."""
+        """Ends the stream without a reply (caller gone, or a failure). Idempotent."""
         if self.finished:
             return
         out = StepOutput(error=error)
         self._finish(out, FinishReason.ABORTED, time.perf_counter())
+        self.emit(out)
+
+    def truncate(self) -> None:
+        """Ends a running request with ``length`` before max_tokens: the KV pool cannot hold
+        its next token even with everyone else preempted."""
+        if self.finished:
+            return
+        text = self._stop.feed(self._detok.flush()) + self._stop.flush()
+        if self._filter is not None:
+            text = self._filter.feed(text) + self._filter.flush()
+        out = StepOutput(text=text)
+        self._finish(out, FinishReason.LENGTH, time.perf_counter())
         self.emit(out)

@@ -12,6 +12,11 @@ class FinishReason(str, Enum):
     ABORTED = "aborted"  # the caller went away (never sent to a client)
 
 
+# Below this temperature a request is greedy (as vLLM does): dividing logits by 1e-40 gives
+# inf, and the softmax of inf is NaN.
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Validated per-request generation settings (see chat.proto for meanings and ranges)."""
@@ -27,10 +32,13 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # False when the client set no max_tokens (max_tokens is then the rest of the context):
+    # such a request is refused only when its prompt alone can never fit the KV pool.
+    max_tokens_requested: bool = True
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def needs_penalties(self) -> bool:
@@ -73,7 +81,22 @@ class QueueFullError(RuntimeError):
 
 
 class RequestTooLargeError(ValueError):
-    """The request could never fit the KV-cache budget (→ INVALID_ARGUMENT)."""
+    """The request could never fit the KV-cache pool (→ INVALID_ARGUMENT)."""
+
+
+class RowFailedError(RuntimeError):
+    """This request's own logits were not finite: it ends alone (→ INVALID_ARGUMENT, since
+    retrying the same input cannot help; the other rows of the batch are untouched)."""
+
+
+class StepFailedError(RuntimeError):
+    """A forward step failed and could not be pinned on one request: the requests in that
+    step end (→ INTERNAL)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread died or a step ran past --step-timeout-seconds (→ UNAVAILABLE; the
+    process exits non-zero so its supervisor restarts it)."""
 
 
 class EngineObserver:
@@ -83,7 +106,14 @@ class EngineObserver:
 
     def step(self, kind: str, batch_size: int, tokens: int) -> None: ...
 
-    def kv_usage(self, reserved: int, budget: int, cached: int) -> None: ...
+    def kv_usage(
+        self, used_blocks: int, total_blocks: int, block_size: int, cached_blocks: int
+    ) -> None:
+        """Blocks held (lanes with their padding and spare room, prefill caches, cached
+        prefix blocks) out of the pool; ``cached_blocks`` of them are prefix-cache copies."""
+
+    def scheduler_counters(self, preemptions: int, prefix_queries: int, prefix_hits: int) -> None:
+        """Totals since start (monotonic): preemptions, prefix-cache tokens queried / hit."""
 
     def request_finished(
         self,

@@ -1,0 +1,70 @@
+"""The model runner: one forward over a left-padded batch, then per-row sampling.
+
+It knows the model (a transformers-style causal LM) and nothing of queues or memory policy.
+Any causal LM whose forward takes ``input_ids, attention_mask, position_ids`` and a cache works
+(Llama-family through transformers, the native ChatGLM2 port).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..models.base import LoadedModel
+from . import kv
+from .sampling import PenaltyState, RowSampling, SampleResult, sample
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._model = loaded.model
+        self.device = loaded.device
+        self.vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
+        params = inspect.signature(self._model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: kv.GrowableCache,
+    ) -> torch.Tensor:
+        """Appends the new positions to ``cache``; returns the last position's logits."""
+        out = self._model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
+        return out.logits[:, -1, :]
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        rows: list[RowSampling],
+        penalties: PenaltyState | None,
+    ) -> SampleResult:
+        return sample(
+            logits,
+            rows,
+            self.loaded.eos_token_ids,
+            penalties,
+            self.loaded.nan_guard_token_id,
+        )
+
+
+def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token takes over all layers (keys and values)."""
+    cfg = model.config.get_text_config()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers * 2 * heads * head_dim * dtype.itemsize
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
