@@ -84,3 +84,28 @@ def test_batched_greedy_equals_solo(smollm):
     for t in threads:
         t.join()
     assert got == solo
+
+
+def test_watchdog_marks_not_serving_ends_streams_and_exits_non_zero():
+    """One 3,000-token prefill in a single step on this CPU takes seconds: past
+    --step-timeout-seconds the open stream ends UNAVAILABLE and the process exits 3 (so a
+    supervisor restarts it) instead of leaving clients waiting for their deadline."""
+    p = spawn_model_server(
+        "smollm2-135m-instruct",
+        "--step-timeout-seconds",
+        "0.5",
+        "--prefill-chunk-tokens",
+        "4096",
+        timeout=600,
+    )
+    try:
+        stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(p.target))
+        long_prompt = "The quick brown fox jumps over the lazy dog. " * 300
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.Chat(chat_request(long_prompt, max_tokens=4), timeout=60))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "step-timeout-seconds" in err.value.details()
+        assert p.proc.wait(30) == 3
+        assert "engine is dead" in p.log_text()
+    finally:
+        p.stop()

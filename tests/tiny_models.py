@@ -121,3 +121,18 @@ def make_scripted_llama(out: Path, tokenizer_dir: Path, text: str) -> Path:
             emb[t, i] = 1.0
             model.lm_head.weight[chain[i + 1], i] = 1.0
     return _save(model, tokenizer_dir, out)
+
+
+def make_poisoned_llama(out: Path, tokenizer_dir: Path, poison: str, *, seed: int = 0) -> Path:
+    """``make_tiny_llama`` (same seed, same weights) whose embedding rows for the tokens of
+    ``poison`` are NaN: any prompt containing it gives NaN logits for that request's row, and
+    only that row (nothing in a transformer mixes batch rows)."""
+    from transformers import LlamaForCausalLM
+
+    make_tiny_llama(out, tokenizer_dir, seed=seed)
+    model = LlamaForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        for t in script_tokens(tokenizer_dir, poison):
+            model.model.embed_tokens.weight[t] = float("nan")
+    model.save_pretrained(out)
+    return out

@@ -390,8 +390,6 @@ class Engine:
         )
         for s in group:
             s.num_computed = s.num_tokens
-        for i, s in enumerate(group):
-            self._cache_prefix(s, cache, mask, i)
         penalties = None
         if any(s.params.needs_penalties for s in group):
             penalties = PenaltyState(
@@ -408,7 +406,10 @@ class Engine:
             token = result.tokens[i]
             if token is None:
                 self._end([s], RowFailedError(result.failed[i]))
-            elif self._append(s, token):
+                continue
+            # Cached now, not when it finishes: a shared system prompt helps the next request.
+            self._cache_prefix(s, cache, mask, i)
+            if self._append(s, token):
                 self.scheduler.finished(s)
             else:
                 joining.append(i)

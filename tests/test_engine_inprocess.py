@@ -1,0 +1,135 @@
+"""The engine in-process on the tiny model: prefix caching changes nothing but the work
+done, preemption storms keep every token, and the watchdog ends streams of a dead engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_server.engine.engine import Engine, EngineConfig
+from model_server.engine.types import EngineDeadError, GenerationRequest, SamplingParams
+from model_server.models.base import ChatMessage
+from model_server.models.registry import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    return load_model(str(tiny_model_dir), torch.device("cpu"), "float32", None)
+
+
+async def _generate(engine: Engine, prompt: list[int], n: int, rid: str) -> list[int]:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    ids: list[int] = []
+    async for out in engine.submit(GenerationRequest(rid, prompt, params)):
+        assert out.error is None, out.error
+        ids += out.token_ids
+    return ids
+
+
+async def _conversation(engine: Engine, tiny, turns: int) -> list[list[int]]:
+    """A chat resent in full every turn, each reply appended verbatim (as chat UIs do)."""
+    history: list[ChatMessage] = []
+    replies = []
+    for turn in range(turns):
+        history.append(ChatMessage("user", f"Turn {turn}: tell me more about topic {turn * 7}"))
+        ids = await _generate(engine, tiny.chat_format.render(history), 20, f"t{turn}")
+        replies.append(ids)
+        history.append(ChatMessage("assistant", tiny.tokenizer.decode(ids)))
+    return replies
+
+
+async def test_prefix_caching_gives_identical_greedy_output_and_hits_across_turns(tiny):
+    results, hits = {}, {}
+    for caching in (False, True):
+        engine = Engine(tiny, EngineConfig(prefix_caching=caching, block_size=4))
+        engine.start()
+        try:
+            results[caching] = await asyncio.wait_for(_conversation(engine, tiny, 5), 120)
+            # A burst of the same system-prompted question: all but the first hit.
+            prompt = tiny.chat_format.render([ChatMessage("user", "Same question")])
+            burst = [_generate(engine, prompt, 8, f"b{i}") for i in range(4)]
+            results[caching].extend(await asyncio.wait_for(asyncio.gather(*burst), 60))
+        finally:
+            engine.shutdown()
+        hits[caching] = engine.scheduler.prefix_hits
+    assert results[True] == results[False]
+    assert hits[False] == 0
+    # From turn 2 on, everything up to the previous reply is found in the cache.
+    assert hits[True] > 0.5 * engine.scheduler.prefix_queries
+
+
+async def test_preemption_storm_keeps_every_token(tiny):
+    """A pool so small that 12 concurrent requests preempt each other over and over: every
+    reply still equals its solo run, token for token."""
+    prompts = [
+        tiny.chat_format.render([ChatMessage("user", f"Question {i} " * (1 + i % 3))])
+        for i in range(12)
+    ]
+    engine = Engine(tiny, EngineConfig(kv_cache_tokens=640, block_size=16, prefix_caching=False))
+    engine.start()
+    try:
+        solo = [await _generate(engine, p, 150, f"s{i}") for i, p in enumerate(prompts)]
+        together = await asyncio.wait_for(
+            asyncio.gather(*(_generate(engine, p, 150, f"c{i}") for i, p in enumerate(prompts))),
+            120,
+        )
+    finally:
+        engine.shutdown()
+    assert together == solo
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.used_blocks() == 0
+
+
+async def test_watchdog_ends_streams_when_a_step_hangs(tiny):
+    engine = Engine(tiny, EngineConfig(step_timeout=0.3))
+    died: list[str] = []
+    engine.on_dead = died.append
+    forward = engine.runner.forward
+
+    def hanging_forward(*args, **kwargs):
+        time.sleep(2.0)
+        return forward(*args, **kwargs)
+
+    engine.runner.forward = hanging_forward  # type: ignore[method-assign]
+    engine.start()
+    try:
+        prompt = tiny.chat_format.render([ChatMessage("user", "hang")])
+        t0 = time.monotonic()
+        outs = [o async for o in engine.submit(GenerationRequest("h", prompt, SamplingParams(4)))]
+        assert isinstance(outs[-1].error, EngineDeadError)
+        assert time.monotonic() - t0 < 2.0  # ended by the watchdog, not by the step finishing
+        assert died and "step" in died[0]
+        with pytest.raises(EngineDeadError):
+            engine.submit(GenerationRequest("after", prompt, SamplingParams(4)))
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_watchdog_ends_streams_when_the_engine_thread_dies(tiny):
+    engine = Engine(tiny, EngineConfig(step_timeout=30))
+    died: list[str] = []
+    engine.on_dead = died.append
+
+    def fatal(*args, **kwargs):
+        raise SystemExit("simulated fatal error in the engine thread")
+
+    engine.runner.forward = fatal  # type: ignore[method-assign]
+    engine.start()
+    try:
+        prompt = tiny.chat_format.render([ChatMessage("user", "die")])
+        outs = await asyncio.wait_for(
+            _collect(engine.submit(GenerationRequest("d", prompt, SamplingParams(4)))), 10
+        )
+        assert isinstance(outs[-1].error, EngineDeadError)
+        assert died == ["the engine thread died"]
+    finally:
+        engine.shutdown()
+
+
+async def _collect(stream) -> list:  # noqa: ANN001
+    return [o async for o in stream]
