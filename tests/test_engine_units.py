@@ -221,3 +221,37 @@ def test_growable_layer_matches_concatenation():
     trimmed, trimmed_mask = kv.select(both, wide, torch.tensor([0, 1]))
     assert trimmed_mask.shape[1] == keys.shape[2] - kv.TRIM_MIN_COLUMNS
     assert torch.equal(trimmed.layers[0].keys, keys[:, :, kv.TRIM_MIN_COLUMNS :])
+
+
+def test_lanes_long_rows_get_their_own_lane_when_padding_costs_more_than_the_weights():
+    """A join pads; a separate lane costs one more pass over the weights per step. The store
+    picks what a decode step reads less of, and its accounting counts real allocations."""
+    from types import SimpleNamespace
+
+    from model_server.engine import kv
+    from model_server.engine.store import KVStore, Lane
+
+    bpt = 64  # KV bytes per token
+    store = KVStore(
+        1000,
+        16,
+        bpt,
+        weight_bytes=64 * 1000,
+        vocab=8,
+        device=torch.device("cpu"),
+        prefix=None,
+        max_lanes=2,
+    )
+    short = torch.ones(3, 40, dtype=torch.long)
+    cache = kv.new_cache()
+    cache.update(torch.zeros(3, 2, 40, 4), torch.zeros(3, 2, 40, 4), 0)
+    rows = [SimpleNamespace(params=SamplingParams(max_tokens=1)) for _ in range(3)]
+    store.lanes.append(Lane(rows=rows, cache=cache, mask=short))
+    assert store.used_blocks() == store._blocks(kv.nbytes(cache))
+    lane, added = store.choose_lane(1, 44)  # 3 x 4 padding columns: cheap, join
+    assert lane is store.lanes[0] and added > 0
+    lane, added = store.choose_lane(1, 6000)  # 3 x 5960 padding columns: its own lane
+    assert lane is None and added == (6000 + kv.GROW_TOKENS) * bpt
+    store.lanes.append(Lane(rows=[rows[0]]))
+    lane, _ = store.choose_lane(1, 6000)  # max_lanes reached: the cheapest join
+    assert lane is not None
