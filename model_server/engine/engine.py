@@ -280,10 +280,13 @@ class Engine:
             self._wake.clear()
             return
         self._step_started = time.monotonic()
-        for seq in sched.admit():
+        admitted = sched.admit()
+        for seq in admitted:
             if seq.prefix_hit:
                 self.kv.load_prefix(seq, seq.prefix_hit)  # type: ignore[arg-type]
                 seq.prefix_hit = []
+        if admitted:  # the gauges count a request as running before its first token is out
+            self._publish()
         self._prefill_step()
         self._decode_step()
         self._publish()

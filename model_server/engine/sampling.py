@@ -98,8 +98,10 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[RowSampling], state: Pe
 
 
 def _not_finite(logits: torch.Tensor) -> torch.Tensor:
-    """Rows with a NaN or +inf (-inf is a legitimate "never this token")."""
-    return (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
+    """Rows with a NaN or +inf (-inf is a legitimate "never this token"), in one pass: a row
+    sum is NaN or +inf exactly then (logits are far too small for a finite sum to overflow)."""
+    total = logits.sum(dim=-1)
+    return torch.isnan(total) | torch.isposinf(total)
 
 
 def sample(
@@ -138,9 +140,11 @@ def sample(
     for i, r in enumerate(rows):
         for mask in r.logit_masks:
             mask(logits[i])
-    bad = _not_finite(logits) | (logits == float("-inf")).all(dim=-1)
+    # Finite raw logits stay finite through the clamped penalties and temperature; only masks
+    # (eos suppression, logit masks) can leave a row with no token at all.
+    bad = logits.max(dim=-1).values == float("-inf")
     for i in bad.nonzero().squeeze(1).tolist():
-        result.failed.setdefault(i, "no token can be sampled (every logit is -inf or NaN)")
+        result.failed.setdefault(i, "no token can be sampled (every token is masked out)")
 
     out = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
     live = [i for i in range(len(rows)) if i not in result.failed]
@@ -152,7 +156,8 @@ def sample(
     if sampled:
         idx = torch.tensor(sampled, device=logits.device)
         probs = _filtered_probs(logits[idx], [rows[i].params for i in sampled])
-        ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+        total = probs.sum(dim=-1)
+        ok = torch.isfinite(total) & (total > 0)
         for j, i in enumerate(sampled):
             if not bool(ok[j]):
                 result.failed[i] = "the sampling distribution is not finite"
