@@ -359,6 +359,8 @@ class Engine:
             self.kv.drop_pending(seq)
             self._end([seq], StepFailedError(f"prefill failed: {type(exc).__name__}"))
             return
+        for layer in cache.layers:  # room for the whole prompt: one copy, not one per chunk
+            layer.reserve(seq.num_tokens + kv.GROW_TOKENS)
         self.kv.set_chunk_mask(seq, mask)
         seq.num_computed += n
         self.observer.step("prefill", 1, n)

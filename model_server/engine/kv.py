@@ -76,6 +76,12 @@ class GrowableLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._len
 
+    def reserve(self, capacity: int) -> None:
+        """Grows the buffers once to ``capacity`` positions (a long prompt prefilled chunk by
+        chunk would otherwise copy its whole cache at every chunk)."""
+        if self._k is not None and self._v is not None and capacity > self._k.shape[-2]:
+            self._grow(self._k, self._v, capacity)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,6 +158,11 @@ class KVStore:
         """The group's prefill caches stacked into one left-padded cache with room for
         ``spare`` more positions; the per-request caches are released."""
         parts = [self.pending.pop(id(s), None) for s in group]
+        if len(parts) == 1 and parts[0] is not None:  # one row: its own cache, no copy
+            cache, mask = parts[0]
+            for layer in cache.layers:
+                layer.reserve(mask.shape[1] + spare + kv.GROW_TOKENS)
+            return cache, mask
         caches = [p[0] if p else None for p in parts]
         masks = [p[1] if p else torch.zeros(1, 0, dtype=torch.long) for p in parts]
         return kv.concat(caches, masks, spare=spare + kv.GROW_TOKENS)
