@@ -1,4 +1,5 @@
-"""One place that turns unexpected exceptions into INTERNAL (with a logged traceback)."""
+"""One place that turns exceptions into statuses: domain errors by ``errors.STATUS_OF``,
+anything unexpected into INTERNAL (with a logged traceback)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
+
+from .errors import status_of
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,14 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 async def _internal(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if context.code() not in (None, grpc.StatusCode.OK) or _is_abort(exc):
         raise exc
-    log.exception("unhandled error in %s", method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    code = status_of(exc)
+    if code is not None:
+        await context.abort(code, str(exc))
+    request_id = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    log.exception("unhandled error in %s", method, extra={"fields": {"request_id": request_id}})
+    # The details stay in the log: clients get a generic message they can quote.
+    suffix = f" (request id {request_id})" if request_id else ""
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error{suffix}; see the server log")
 
 
 def _is_abort(exc: Exception) -> bool:

@@ -70,9 +70,7 @@ class ModelServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ],
         )
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(self.state, self.metrics), self.server
-        )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.state), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -10,17 +10,9 @@ import grpc
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
-from .engine.types import (
-    EngineDeadError,
-    FinishReason,
-    GenerationRequest,
-    QueueFullError,
-    RequestTooLargeError,
-    RowFailedError,
-)
-from .metrics import ServerMetrics
-from .models.base import ConversationError, LoadedModel
-from .validation import Defaults, InvalidArgument, messages_of, sampling_params
+from .engine.types import FinishReason, GenerationRequest
+from .models.base import LoadedModel
+from .validation import Defaults, messages_of, sampling_params
 
 if TYPE_CHECKING:  # the engine imports torch; the servicer must not (health is up first)
     from .engine.engine import Engine
@@ -30,15 +22,6 @@ _FINISH = {
     FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
 }
-
-
-def _failure_status(error: BaseException) -> grpc.StatusCode:
-    """How a request that the engine ended with an error is reported."""
-    if isinstance(error, RowFailedError):
-        return grpc.StatusCode.INVALID_ARGUMENT  # its own numbers failed: a retry cannot help
-    if isinstance(error, EngineDeadError):
-        return grpc.StatusCode.UNAVAILABLE  # the process restarts: retry elsewhere
-    return grpc.StatusCode.INTERNAL
 
 
 class ServingState:
@@ -57,9 +40,8 @@ class ServingState:
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, state: ServingState, metrics: ServerMetrics) -> None:
+    def __init__(self, state: ServingState) -> None:
         self._state = state
-        self._metrics = metrics
         self._ids = 0
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> tuple[LoadedModel, Engine]:
@@ -77,40 +59,31 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 f"model {name!r} is not served here (this server serves {self._state.model_id!r})",
             )
 
-    async def _prompt(self, loaded: LoadedModel, messages, context) -> list[int]:  # noqa: ANN001
-        try:
-            msgs = messages_of(messages)
-            # Tokenizing a long conversation takes milliseconds: keep it off the event loop.
-            return await asyncio.to_thread(loaded.chat_format.render, msgs)
-        except (InvalidArgument, ConversationError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise  # unreachable: abort raises
+    async def _prompt(self, loaded: LoadedModel, messages) -> list[int]:  # noqa: ANN001
+        msgs = messages_of(messages)
+        # Tokenizing a long conversation takes milliseconds: keep it off the event loop.
+        return await asyncio.to_thread(loaded.chat_format.render, msgs)
 
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext):
+        # Domain errors (bad fields, a full queue, a dead engine...) are raised as exceptions;
+        # the interceptor maps them to their status through errors.STATUS_OF.
         loaded, engine = await self._ready(context)
         await self._check_model(request.model, context)
-        prompt = await self._prompt(loaded, request.messages, context)
-        try:
-            params = sampling_params(
-                request,
-                len(prompt),
-                loaded.max_model_len,
-                Defaults(loaded.default_temperature, loaded.default_top_p),
-            )
-            stream = engine.submit(
-                GenerationRequest(request.request_id or self._new_id(), prompt, params)
-            )
-        except (InvalidArgument, RequestTooLargeError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except QueueFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        prompt = await self._prompt(loaded, request.messages)
+        params = sampling_params(
+            request,
+            len(prompt),
+            loaded.max_model_len,
+            Defaults(loaded.default_temperature, loaded.default_top_p),
+        )
+        stream = engine.submit(
+            GenerationRequest(request.request_id or self._new_id(), prompt, params)
+        )
         try:
             async for out in stream:
                 if out.finish_reason is FinishReason.ABORTED:
                     if out.error is not None:
-                        await context.abort(_failure_status(out.error), str(out.error))
+                        raise out.error
                     return
                 msg = chat_pb2.ChatResponse(text=out.text, token_ids=out.token_ids)
                 if out.finish_reason is not None:
@@ -150,7 +123,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> chat_pb2.TokenizeResponse:
         loaded, _ = await self._ready(context)
         await self._check_model(request.model, context)
-        prompt = await self._prompt(loaded, request.messages, context)
+        prompt = await self._prompt(loaded, request.messages)
         return chat_pb2.TokenizeResponse(
             token_ids=prompt, count=len(prompt), max_model_len=loaded.max_model_len
         )

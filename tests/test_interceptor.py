@@ -1,4 +1,5 @@
-"""The one interceptor: unexpected exceptions become INTERNAL; aborts pass through untouched."""
+"""The one interceptor: domain errors map through errors.STATUS_OF, unexpected exceptions
+become INTERNAL (details in the log only), aborts pass through untouched."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import grpc
 import pytest
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
+from model_server.engine.types import QueueFullError
 from model_server.interceptors import ExceptionInterceptor
 
 
@@ -19,6 +21,8 @@ class Flaky(chat_pb2_grpc.ChatServiceServicer):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "messages: bad on purpose")
 
     async def Chat(self, request, context):
+        if request.model == "busy":
+            raise QueueFullError("queue full on purpose")
         yield chat_pb2.ChatResponse(text="partial")
         if request.model == "explode":
             raise KeyError("boom mid-stream")
@@ -40,8 +44,18 @@ async def test_unary_exception_is_internal(stub, caplog):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ListModels(chat_pb2.ListModelsRequest())
     assert err.value.code() == grpc.StatusCode.INTERNAL
-    assert "boom in a unary handler" in err.value.details()
+    assert "boom" not in err.value.details()  # internals stay in the log
+    assert "see the server log" in err.value.details()
     assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
+    assert "boom in a unary handler" in caplog.text
+
+
+async def test_domain_errors_map_through_the_one_table(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.Chat(chat_pb2.ChatRequest(model="busy")):
+            pass
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.details() == "queue full on purpose"
 
 
 async def test_abort_passes_through(stub):
@@ -54,10 +68,12 @@ async def test_abort_passes_through(stub):
 async def test_stream_exception_is_internal_and_others_keep_working(stub):
     got = []
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for msg in stub.Chat(chat_pb2.ChatRequest(model="explode")):
+        request = chat_pb2.ChatRequest(model="explode")
+        async for msg in stub.Chat(request, metadata=(("x-request-id", "req-42"),)):
             got.append(msg.text)
     assert got == ["partial"]
     assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "req-42" in err.value.details()  # something the client can quote to the operator
     texts = [m.text async for m in stub.Chat(chat_pb2.ChatRequest())]
     assert texts == ["partial", "!"]
 
