@@ -17,7 +17,7 @@ import torch
 from chatglm2_fixture import make_tiny_chatglm2
 
 from model_server.models.base import ChatMessage, LoadedModel, ModelLoadError
-from model_server.models.chatglm2 import is_chatglm_dir, load_chatglm2, remote_code_error
+from model_server.models.chatglm2 import load_chatglm2
 
 CPU = torch.device("cpu")
 ATOL = 1e-4
@@ -252,27 +252,22 @@ def test_load_other_layouts(tmp_path, loaded, prompt_ids, shards, safetensors):
 
 
 # ---------------------------------------------------------------- detection and errors
-def test_is_chatglm_dir(tiny_chatglm2_dir, tmp_path):
-    assert is_chatglm_dir(tiny_chatglm2_dir)
-    assert is_chatglm_dir(str(tiny_chatglm2_dir))
-    assert not is_chatglm_dir(tmp_path)
-    assert not is_chatglm_dir(tmp_path / "nope")
-    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    assert not is_chatglm_dir(tmp_path)
-    (tmp_path / "config.json").write_text("not json")
-    assert not is_chatglm_dir(tmp_path)
+def test_load_model_refuses_checkpoints_that_need_their_own_code(tmp_path):
+    """The refusal path production uses: registry.load_model on a directory whose
+    model_type transformers does not know (with or without auto_map) never imports its code."""
+    from model_server.models.base import ModelLoadError
+    from model_server.models.registry import load_model
 
-
-def test_remote_code_error(tiny_chatglm2_dir, tmp_path):
-    assert remote_code_error(tiny_chatglm2_dir) is None
     custom = {"model_type": "my_secret_lm", "auto_map": {"AutoModel": "modeling_x.X"}}
     (tmp_path / "config.json").write_text(json.dumps(custom))
-    msg = remote_code_error(tmp_path)
-    assert msg is not None and "my_secret_lm" in msg and "never runs code" in msg
-    (tmp_path / "config.json").write_text(json.dumps({**custom, "model_type": "llama"}))
-    assert remote_code_error(tmp_path) is None
+    (tmp_path / "modeling_x.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(tmp_path), CPU, "float32", None)
+    assert "my_secret_lm" in str(err.value) and "never runs code" in str(err.value)
+    assert "auto_map" in str(err.value)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "my_secret_lm"}))
-    assert remote_code_error(tmp_path) is None
+    with pytest.raises(ModelLoadError, match="not supported natively"):
+        load_model(str(tmp_path), CPU, "float32", None)
 
 
 def copy_fixture(src: Path, dst: Path, **config_changes) -> Path:

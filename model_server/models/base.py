@@ -9,7 +9,7 @@ protocols below, so every family batches the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:  # torch is imported by the loaders, not by the servicer's import chain
@@ -88,7 +88,6 @@ class LoadedModel:
     default_top_p: float = 1.0
     # ChatGLM2's guard: if any logit is NaN/inf, all become 0 and this token id gets 5e4.
     nan_guard_token_id: int | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:

@@ -6,7 +6,6 @@ ever read; its ``*.py`` remote code is ignored and ``trust_remote_code`` is neve
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -72,7 +71,6 @@ def load_chatglm2(
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
 
-    started = time.perf_counter()
     model = build_empty_model(cfg)
     load_weights(model, shards, cfg, device, dtype)
     _init_rotary(model, device)
@@ -81,7 +79,6 @@ def load_chatglm2(
         raise ModelLoadError(f"uninitialised buffers after loading: {leftovers}")
     model.config.dtype = dtype
     model.eval()
-    load_seconds = time.perf_counter() - started
 
     limit = cfg.seq_length if max_model_len is None else min(cfg.seq_length, max_model_len)
     return LoadedModel(
@@ -95,12 +92,4 @@ def load_chatglm2(
         default_temperature=DEFAULT_TEMPERATURE,
         default_top_p=DEFAULT_TOP_P,
         nan_guard_token_id=NAN_GUARD_TOKEN_ID,
-        extra={
-            "family": "chatglm2",
-            "transformers_class": "GlmForCausalLM",
-            "weight_files": [s.name for s in shards],
-            "load_seconds": round(load_seconds, 3),
-            "sp_vocab_size": tokenizer.sp_vocab_size,
-            "padded_vocab_size": cfg.padded_vocab_size,
-        },
     )
