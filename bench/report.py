@@ -41,7 +41,16 @@ def _check(name: str, measured: str, ratio: float | None, passed: bool | None) -
 
 
 def targets(result: Result) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured figures, a ratio and PASS / MISS / N/A."""
+    """The issue's targets, each with the measured figures, a ratio and PASS / MISS / N/A;
+    then the scenarios' (only those, for a run of just the scenarios)."""
+    scenario_checks = scenario_targets(result)
+    if not result.get("rows") and result.get("scenarios"):
+        return scenario_checks
+    return level_targets(result) + scenario_checks
+
+
+def level_targets(result: Result) -> list[dict[str, Any]]:
+    """The load levels' targets."""
     c1 = find_row(result, "bridge", 1)
     c16 = find_row(result, "bridge", 16)
     c64 = find_row(result, "bridge", 64)
@@ -143,6 +152,167 @@ def targets(result: Result) -> list[dict[str, Any]]:
     return out
 
 
+MULTITURN_TARGET = "multiturn: turn-16 TTFT <= 2x turn-1 TTFT"
+MULTITURN_MAX_RATIO = 2.0
+NOMAX_TARGET = (
+    "nomax: 48 streams without max_tokens all run at once (max glmserve_requests_running)"
+)
+LONGPROMPT_TARGET = "longprompt: no errors, peak RSS <= RSS before + configured KV bytes + overhead"
+
+
+def longprompt_bound(s: dict[str, Any]) -> tuple[float, float] | None:
+    """(allowed RSS, overhead) for the longprompt scenario: RSS before the load + N x bytes per
+    token + overhead, the overhead being ``overhead_kv_fraction`` of the KV bytes +
+    ``overhead_bytes`` (allocator slack, and the transients of a step: attention scores of a
+    prefill chunk against a long context, logits, a per-layer gather of paged KV)."""
+    before, kv = s.get("rss_before"), s.get("kv_bytes")
+    if not before or not kv:
+        return None
+    overhead = s.get("overhead_kv_fraction", 0.25) * kv + s.get("overhead_bytes", 256 * 2**20)
+    return before + kv + overhead, overhead
+
+
+def scenario_targets(result: Result) -> list[dict[str, Any]]:
+    """One check per scenario that ran (``result["scenarios"]``); a failed run is a MISS."""
+    out = []
+    titles = {"multiturn": MULTITURN_TARGET, "nomax": NOMAX_TARGET, "longprompt": LONGPROMPT_TARGET}
+    for name, s in (result.get("scenarios") or {}).items():
+        title = titles.get(name, name)
+        if s.get("error"):
+            out.append(_check(title, f"failed: {s['error'][:300]}", None, False))
+        elif name == "multiturn":
+            out.append(_multiturn_check(title, s))
+        elif name == "nomax":
+            out.append(_nomax_check(title, s))
+        elif name == "longprompt":
+            out.append(_longprompt_check(title, s))
+    return out
+
+
+def _multiturn_check(title: str, s: dict[str, Any]) -> dict[str, Any]:
+    turns = s.get("turns") or []
+    t1, tn, ratio = s.get("ttft_first"), s.get("ttft_last"), s.get("ttft_ratio")
+    errors, wrong = int(s.get("errors", 0)), int(s.get("wrong_length", 0))
+    complete = len(turns) == s.get("turns_planned", len(turns)) and errors == 0
+    pc = s.get("prefix_cache") or {}
+    q = _diff(pc.get("queries_before"), pc.get("queries_after"))
+    h = _diff(pc.get("hits_before"), pc.get("hits_after"))
+    cache = (
+        "prefix cache counters absent" if q is None else f"prefix cache hits {_g(h)}/{_g(q)} tokens"
+    )
+    tokens = [t.get("prompt_tokens") for t in turns] or ["-"]
+    measured = (
+        f"turn {len(turns)} TTFT {_ms(tn)} vs turn 1 {_ms(t1)}; prompt {tokens[0]} -> "
+        f"{tokens[-1]} tokens; {errors} errors, {wrong} replies of the wrong length; {cache}"
+    )
+    # An incomplete conversation is a MISS; a complete one without TTFTs cannot be judged.
+    passed = None if complete and ratio is None else complete and ratio <= MULTITURN_MAX_RATIO
+    return _check(title, measured, ratio, passed)
+
+
+def _nomax_check(title: str, s: dict[str, Any]) -> dict[str, Any]:
+    streams, running = int(s.get("streams", 48)), s.get("running_max")
+    errors = int(s.get("errors", 0))
+    measured = (
+        f"max running {_g(running)} of {streams} (max waiting {_g(s.get('waiting_max'))}, "
+        f"{s.get('samples', 0)} samples); {errors} errors{_late(s)}; at the end running "
+        f"{_g(s.get('running_end'))}, waiting {_g(s.get('waiting_end'))}"
+    )
+    ratio = None if running is None else running / streams
+    passed = None if running is None else (running >= streams and errors == 0)
+    return _check(title, measured, ratio, passed)
+
+
+def _longprompt_check(title: str, s: dict[str, Any]) -> dict[str, Any]:
+    errors, requests = int(s.get("errors", 0)), int(s.get("requests", 0))
+    completed, peak, before = int(s.get("completed", 0)), s.get("rss_peak"), s.get("rss_before")
+    bound = longprompt_bound(s)
+    killed = f"; {s['server_killed']}" if s.get("server_killed") else ""
+    base = f"{completed}/{requests} completed, {errors} errors{_late(s)}{killed}"
+    if bound is None or not peak or not before:
+        return _check(title, base + "; RSS or KV size unknown", None, None)
+    limit, overhead = bound
+    measured = (
+        f"{base}; RSS {_mib(before)} before, peak {_mib(peak)}; bound {_mib(limit)} = before "
+        f"+ KV {s.get('kv_cache_tokens')} tokens x {s.get('kv_bytes_per_token')} B "
+        f"({_mib(s.get('kv_bytes'))}) + overhead {_mib(overhead)}; preemptions "
+        f"{_g(s.get('preemptions'))}"
+    )
+    ok = errors == 0 and completed == requests and peak <= limit
+    return _check(title, measured, (peak - before) / (limit - before), ok)
+
+
+def _late(s: dict[str, Any]) -> str:
+    late = s.get("timed_out")
+    return f" ({late} not done within the time box)" if late else ""
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"
+
+
+def scenarios_text(result: Result) -> str:
+    """The scenarios' figures: multiturn's TTFT per turn as a table, one line for the others."""
+    parts: list[str] = []
+    for name, s in (result.get("scenarios") or {}).items():
+        if s.get("error"):
+            parts.append(f"{name}: failed: {s['error'][:1000]}")
+        elif name == "multiturn":
+            parts += [
+                f"multiturn: one conversation, {s.get('reply_tokens')}-token replies, resent "
+                "in full each turn",
+                "| turn | prompt tokens | TTFT ms | prefix cache hits / queries |",
+                "|---:|---:|---:|---:|",
+            ]
+            for t in s.get("turns") or []:
+                hits = (
+                    "-"
+                    if t.get("prefix_queries") is None
+                    else f"{_g(t.get('prefix_hits'))} / {_g(t.get('prefix_queries'))}"
+                )
+                cells = [str(t["turn"]), str(t.get("prompt_tokens") or "-")]
+                cells += [_cell_ms(t.get("ttft")), hits]
+                parts.append("| " + " | ".join(cells) + " |")
+        elif name == "nomax":
+            parts.append(
+                f"nomax: {s.get('streams')} streams, no max_tokens, each closed after "
+                f"{s.get('close_after_chunks')} chunks: max running {_g(s.get('running_max'))} "
+                f"(at {_f(s.get('running_max_at_s'))} s), max waiting {_g(s.get('waiting_max'))}; "
+                f"TTFT p50 {_ms(s.get('ttft_p50'))}, p95 {_ms(s.get('ttft_p95'))}; "
+                f"{s.get('errors')} errors{_late(s)}; {_f(s.get('wall_s'))} s; server KV budget "
+                f"{s.get('kv_cache_tokens')} tokens; gauges at the end running "
+                f"{_g(s.get('running_end'))}, waiting {_g(s.get('waiting_end'))}"
+            )
+        elif name == "longprompt":
+            parts.append(
+                f"longprompt: 1 x {s.get('long_prompt_tokens')}-token prompt + "
+                f"{s.get('requests', 1) - 1} short ones (mean "
+                f"{_f(s.get('short_prompt_tokens_mean'))} tokens), all prompts + max_tokens = "
+                f"{s.get('demand_tokens')} tokens; server {' '.join(s.get('server_args') or [])}"
+                f": {s.get('completed')}/{s.get('requests')} completed, {s.get('errors')} errors"
+                f"{_late(s)}; "
+                f"weights {_mib(s.get('weights_bytes'))}, KV {_mib(s.get('kv_bytes'))}; RSS "
+                f"{_mib(s.get('rss_before'))} before, peak {_mib(s.get('rss_peak'))}, after "
+                f"{_mib(s.get('rss_after'))}; peak glmserve_kv_cache_tokens "
+                f"{_g(s.get('peak_kv_positions'))}; preemptions {_g(s.get('preemptions'))}; "
+                f"long TTFT {_ms(s.get('long_ttft'))}, short TTFT p50 "
+                f"{_ms(s.get('short_ttft_p50'))} p95 {_ms(s.get('short_ttft_p95'))}; "
+                f"{_f(s.get('wall_s'))} s"
+            )
+            if s.get("error_samples"):
+                parts.append(f"  errors: {s['error_samples']}")
+        if s.get("foreign_cpu") is not None:
+            parts.append(
+                f"  ({name}: other CPU {s['foreign_cpu']:.0%}, the share of all cores busy with "
+                "processes outside the benchmark while it ran)"
+            )
+    return "\n".join(parts)
+
+
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
@@ -211,11 +381,17 @@ def targets_text(checks: list[dict[str, Any]]) -> str:
 def render(result: Result) -> str:
     """Everything printed at the end of a run."""
     m = result.get("machine", {})
-    parts = [
-        table(result),
-        "",
-        "latencies in ms; other CPU: share of all cores busy with processes outside the "
-        "benchmark while the row measured (noise)",
+    parts: list[str] = []
+    if result.get("rows"):
+        parts += [
+            table(result),
+            "",
+            "latencies in ms; other CPU: share of all cores busy with processes outside the "
+            "benchmark while the row measured (noise)",
+        ]
+    if result.get("scenarios"):
+        parts += ["", "scenarios:", scenarios_text(result), ""]
+    parts += [
         f"machine: {m.get('cpu_model', '?')}, {m.get('cpu_count', '?')} CPUs, "
         f"torch {m.get('torch', '?')} on {m.get('device', '?')}; load average "
         f"{m.get('loadavg_start', '?')} at start, {m.get('loadavg_end', '?')} at the end",

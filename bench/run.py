@@ -4,9 +4,11 @@
 2. Drives the bridge with the openai SDK (streaming) at each concurrency level, and gRPC
    directly at concurrency 1; samples the server's RSS around the c=64 level and reads its
    queue gauges at the end.
-3. Stops both, then runs the transformers baselines in a separate process
-   (``python -m bench.baselines``) on the same prompts, lengths and weights.
-4. Prints the table and the target checks, and writes ``latest.json`` plus a timestamped copy.
+3. Stops both, then runs the scenarios (``bench/scenarios.py``: multiturn, nomax,
+   longprompt), each on its own fresh stack (``--only-scenarios``: just these).
+4. Runs the transformers baselines in a separate process (``python -m bench.baselines``) on
+   the same prompts, lengths and weights.
+5. Prints the table and the target checks, and writes ``latest.json`` plus a timestamped copy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -30,7 +33,7 @@ from openai import AsyncOpenAI
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
-from . import report
+from . import report, scenarios
 from .load import bridge_request_fn, grpc_request_fn, run_interleaved, run_level, summarize
 from .machine import CpuWatch, loadavg, machine_info
 from .prompts import longest, prompts
@@ -245,6 +248,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="start each level's workers at the same instant (default: spread over one "
         "single-stream request duration, measured at c=1)",
     )
+    p.add_argument(
+        "--scenarios",
+        help=f"comma-separated scenarios to run after the levels (default: all of "
+        f"{','.join(scenarios.NAMES)}; none with --quick)",
+    )
+    p.add_argument("--no-scenarios", action="store_true", help="skip the scenarios")
+    p.add_argument(
+        "--only-scenarios",
+        action="store_true",
+        help="run just the scenarios: no load levels, no baselines",
+    )
+    p.add_argument(
+        "--longprompt-kv-tokens",
+        type=int,
+        default=scenarios.LONG_KV_TOKENS,
+        help="longprompt: the server's KV budget N (passed as --kv-cache-tokens N, or "
+        "--max-num-batched-tokens N when the server lists only that)",
+    )
+    p.add_argument(
+        "--longprompt-server-args",
+        help="longprompt: model-server flags instead of the KV flag above "
+        "(e.g. '--kv-cache-tokens 16384 --max-num-seqs 64')",
+    )
+    p.add_argument(
+        "--rss-guard-mib",
+        type=int,
+        default=scenarios.Options.rss_guard_mib,
+        help="longprompt: cap the server's data segment (RLIMIT_DATA) at its size before the "
+        "load + this many MiB, so a runaway engine fails inside the server instead of "
+        "exhausting this machine's memory (0: no cap)",
+    )
+    p.add_argument(
+        "--scenario-time-box",
+        type=float,
+        default=scenarios.Options.time_box_s,
+        help="seconds of load per scenario at most; requests still open then count as errors",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="HF static batch size")
     p.add_argument("--time-box", type=float, default=240.0, help="seconds per level at most")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="JSON directory")
@@ -253,7 +293,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.levels = [int(x) for x in (args.levels or default_levels).split(",") if x.strip()]
     if args.max_tokens is None:
         args.max_tokens = 16 if args.quick else 128
+    if args.no_scenarios:
+        args.scenarios = []
+    elif args.scenarios is None:
+        args.scenarios = [] if args.quick and not args.only_scenarios else list(scenarios.NAMES)
+    else:
+        args.scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    unknown = [x for x in args.scenarios if x not in scenarios.NAMES]
+    if unknown:
+        p.error(f"unknown scenario(s) {','.join(unknown)}; known: {','.join(scenarios.NAMES)}")
+    if args.only_scenarios and not args.scenarios:
+        p.error("--only-scenarios with no scenario to run")
     return args
+
+
+def scenario_options(args: argparse.Namespace) -> scenarios.Options:
+    server_args = args.longprompt_server_args
+    return scenarios.Options(
+        model=args.model,
+        long_kv_tokens=args.longprompt_kv_tokens,
+        long_server_args=None if server_args is None else shlex.split(server_args),
+        rss_guard_mib=args.rss_guard_mib,
+        time_box_s=args.scenario_time_box,
+    )
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -274,14 +336,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": args.model or "default (embedded SmolLM2-135M-Instruct)",
             "time_box_s": args.time_box,
             "requests_per_level": {c: requests_for(c, args.quick) for c in args.levels},
+            "scenarios": args.scenarios,
+            "only_scenarios": args.only_scenarios,
         },
+        "rows": [],
     }
     t0 = time.perf_counter()
-    log(f"load average {result['machine']['loadavg_start']}; starting model-server + bridge")
-    with Stack(args.model) as stack:
-        log(f"model server SERVING after {stack.load_seconds:.1f} s")
-        asyncio.run(drive(stack, args, result))
-    if not args.no_baselines:
+    log(f"load average {result['machine']['loadavg_start']}")
+    if not args.only_scenarios:
+        log("starting model-server + bridge")
+        with Stack(args.model) as stack:
+            log(f"model server SERVING after {stack.load_seconds:.1f} s")
+            asyncio.run(drive(stack, args, result))
+    if args.scenarios:
+        result["scenarios"] = scenarios.run_scenarios(args.scenarios, scenario_options(args))
+        devices = [s["device"] for s in result["scenarios"].values() if s.get("device")]
+        if devices:
+            result["machine"].setdefault("device", devices[0])
+    if not args.no_baselines and not args.only_scenarios:
         baselines = run_baselines(args)
         result["baselines"] = {k: v for k, v in baselines.items() if k != "rows"}
         result["rows"] += baselines.get("rows", [])
@@ -290,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **baselines["prefill_longest"],
                 "source": "one forward of the longest prompt in the baseline process",
             }
-    if "prefill_longest" not in result:
+    if "prefill_longest" not in result and not args.only_scenarios:
         probe = result.get("prefill_probe_bridge") or {}
         result["prefill_longest"] = {
             "prompt_tokens": probe.get("prompt_tokens"),

@@ -1,4 +1,5 @@
-"""The benchmark's pure parts: deterministic prompts, statistics, target math, report files.
+"""The benchmark's pure parts: deterministic prompts, statistics, target math, report files
+(the load levels' and the scenarios').
 
 Nothing here starts a process or loads a model (``make bench`` does that).
 """
@@ -14,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import prompts as bench_prompts  # noqa: E402
-from bench import report  # noqa: E402
+from bench import report, scenarios  # noqa: E402
 from bench.load import RequestResult, percentile, summarize  # noqa: E402
 
 
@@ -141,3 +142,141 @@ def test_table_and_files(tmp_path: Path) -> None:
     latest, stamped = report.write(FAKE, tmp_path)
     assert json.loads(latest.read_text()) == json.loads(stamped.read_text())
     assert latest.name == "latest.json" and stamped.parent == tmp_path
+
+
+# ---- scenarios (bench/scenarios.py): text, metrics parsing, target math; no server ----------
+
+
+def _scenarios(**over: dict) -> dict:
+    turns = [
+        {"turn": k + 1, "ok": True, "prompt_tokens": 200 + 240 * k, "ttft": 0.3 + 0.01 * k}
+        for k in range(16)
+    ]
+    base = {
+        "multiturn": {
+            "turns": turns,
+            "turns_planned": 16,
+            "reply_tokens": 48,
+            "errors": 0,
+            "wrong_length": 0,
+            "ttft_first": 0.3,
+            "ttft_last": 0.45,
+            "ttft_ratio": 1.5,
+            "prefix_cache": {
+                "queries_before": 0.0,
+                "queries_after": 30000.0,
+                "hits_before": 0.0,
+                "hits_after": 26000.0,
+            },
+        },
+        "nomax": {"streams": 48, "running_max": 48.0, "errors": 0, "samples": 100},
+        "longprompt": {
+            "requests": 64,
+            "completed": 64,
+            "errors": 0,
+            "rss_before": 1000 * 2**20,
+            "rss_peak": 1800 * 2**20,
+            "kv_cache_tokens": 16384,
+            "kv_bytes_per_token": 2**15,  # 512 MiB of KV
+            "kv_bytes": 512 * 2**20,
+            "overhead_kv_fraction": 0.25,
+            "overhead_bytes": 256 * 2**20,
+        },
+    }
+    for name, fields in over.items():
+        base[name] = {**base[name], **fields}
+    return {"machine": {}, "rows": [], "scenarios": base}
+
+
+def _by_scenario(result: dict) -> dict[str, dict]:
+    return {c["target"].split(":")[0]: c for c in report.targets(result)}
+
+
+def test_scenario_targets_pass() -> None:
+    checks = _by_scenario(_scenarios())
+    assert set(checks) == {"multiturn", "nomax", "longprompt"}  # no level targets without rows
+    assert checks["multiturn"]["ratio"] == pytest.approx(1.5)
+    assert "hits 26000/30000 tokens" in checks["multiturn"]["measured"]
+    assert checks["nomax"]["ratio"] == pytest.approx(1.0)
+    # bound = 1000 + 512 + (0.25 x 512 + 256) = 1896 MiB; growth 800 of 896 MiB allowed
+    assert "bound 1896 MiB" in checks["longprompt"]["measured"]
+    assert checks["longprompt"]["ratio"] == pytest.approx(800 / 896)
+    assert all(c["status"] == "PASS" for c in checks.values())
+
+
+def test_scenario_targets_miss() -> None:
+    checks = _by_scenario(
+        _scenarios(
+            multiturn={"ttft_ratio": 18.8, "prefix_cache": {}},
+            nomax={"running_max": 18.0},
+            longprompt={"rss_peak": 1900 * 2**20},
+        )
+    )
+    assert [c["status"] for c in checks.values()] == ["MISS", "MISS", "MISS"]
+    assert "prefix cache counters absent" in checks["multiturn"]["measured"]
+    # Errors fail a target whatever the figure; so does an incomplete conversation.
+    checks = _by_scenario(
+        _scenarios(
+            multiturn={"turns_planned": 17},
+            nomax={"errors": 1},
+            longprompt={"completed": 63, "errors": 1, "timed_out": 1},
+        )
+    )
+    assert [c["status"] for c in checks.values()] == ["MISS", "MISS", "MISS"]
+    assert "1 not done within the time box" in checks["longprompt"]["measured"]
+    failed = _scenarios()
+    failed["scenarios"]["nomax"] = {"error": "RuntimeError: model-server: exited with 1"}
+    assert _by_scenario(failed)["nomax"]["status"] == "MISS"
+    unknown = _by_scenario(_scenarios(longprompt={"kv_bytes": None, "kv_bytes_per_token": None}))
+    assert unknown["longprompt"]["status"] == "N/A"
+
+
+def test_scenarios_add_to_level_targets_and_render() -> None:
+    both = {**FAKE, "scenarios": _scenarios()["scenarios"]}
+    assert len(report.targets(both)) == 6 + 3
+    text = report.render({**both, "targets": report.targets(both)})
+    assert "| 16 | 3800 | 450 | - |" in text  # the multiturn table, one row per turn
+    assert "nomax: 48 streams" in text and "longprompt: 1 x" in text
+    assert "scenarios" not in report.render({**FAKE, "targets": report.targets(FAKE)})
+
+
+METRICS_TEXT = """# HELP glmserve_requests_running Requests admitted
+# TYPE glmserve_requests_running gauge
+glmserve_requests_running 3.0
+# HELP glmserve_prefix_cache_hits_total Prompt tokens found in the prefix cache
+# TYPE glmserve_prefix_cache_hits_total counter
+glmserve_prefix_cache_hits_total 128.0
+glmserve_prefix_cache_hits_created 1.7e+09
+# HELP glmserve_step_tokens_total Tokens
+# TYPE glmserve_step_tokens_total counter
+glmserve_step_tokens_total{phase="decode"} 7.0
+"""
+
+
+def test_metrics_parsing_tolerates_absent_counters() -> None:
+    m = scenarios.parse_metrics(METRICS_TEXT)
+    assert scenarios.metric(m, scenarios.RUNNING) == 3.0
+    assert scenarios.metric(m, scenarios.PREFIX_HITS) == 128.0
+    assert scenarios.metric(m, "glmserve_prefix_cache_hits") == 128.0
+    assert m['glmserve_step_tokens_total{phase="decode"}'] == 7.0
+    assert scenarios.metric(m, scenarios.PREEMPTIONS) is None
+    assert (
+        scenarios.delta(
+            m, {**m, "glmserve_prefix_cache_hits_total": 200.0}, "glmserve_prefix_cache_hits_total"
+        )
+        == 72.0
+    )
+    assert scenarios.delta(m, m, scenarios.PREFIX_QUERIES) is None
+
+
+def test_scenario_inputs_are_deterministic() -> None:
+    turns = [scenarios.turn_text(k) for k in range(scenarios.TURNS)]
+    assert len(set(turns)) == scenarios.TURNS and turns == [
+        scenarios.turn_text(k) for k in range(scenarios.TURNS)
+    ]
+    replies = [scenarios.short_reply_tokens(i) for i in range(scenarios.SHORT_REQUESTS)]
+    assert min(replies) == 64 and max(replies) <= 128 and len(set(replies)) > 30
+    assert len(scenarios.long_prompt(3)) < len(scenarios.long_prompt(4))
+    assert scenarios.kv_tokens_in(["--kv-cache-tokens", "12288"]) == 12288
+    assert scenarios.kv_tokens_in(["--max-num-batched-tokens=4096", "--x"]) == 4096
+    assert scenarios.kv_tokens_in(["--max-num-seqs", "8"]) is None
