@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +19,7 @@ from http_bridge.backend import Backend
 from http_bridge.errors import APIError, http_error, validation_error
 from http_bridge.metrics import BridgeMetrics, MetricsMiddleware
 from http_bridge.middleware import ApiKeyMiddleware, ContentLengthGuard, too_large
+from http_bridge.protocol import ChatCompletionRequest
 from http_bridge.routes import chat, health, metrics, models
 from http_bridge.settings import Settings
 
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
     app.state.settings = settings
     app.state.backend = backend
     app.state.metrics = bridge_metrics
+    app.openapi = _exact_openapi(app)  # type: ignore[method-assign]
 
     # FastAPI's own limit catches bodies without a Content-Length; the guard below the rest.
     app.include_router(chat.router, max_body_size=settings.max_request_bytes)
@@ -78,6 +81,26 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
     flat_routes += [r for r in app.router.routes if hasattr(r, "path_regex")]
     app.add_middleware(MetricsMiddleware, metrics=bridge_metrics, routes=flat_routes)
     return app
+
+
+def _exact_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's OpenAPI document, with the request model's schemas exactly as pydantic writes
+    them: FastAPI's own document model stores minimum/maximum as floats, so the int64 bounds of
+    ``seed`` would read 9.223372036854776e+18, one past the largest seed accepted."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = default()
+            exact = ChatCompletionRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components = document["components"]["schemas"]
+            components.update(exact.pop("$defs"))
+            components[ChatCompletionRequest.__name__] = exact
+        return app.openapi_schema
+
+    return openapi
 
 
 def _add_ui(app: FastAPI, static_dir: Path) -> None:

@@ -62,6 +62,12 @@ _KNOWN_PARAMS = frozenset(
 _PARAM_PREFIX = re.compile(r"^\s*([a-z_]+)((?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*)\s*:")
 
 
+def _encodable(text: str) -> str:
+    """``text`` with any lone surrogate spelled as ``\\udxxx``: the envelope must encode as UTF-8
+    even when it quotes a client's malformed key or value."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     message: str,
     type: str = "invalid_request_error",
@@ -69,7 +75,9 @@ def error_body(
     code: str | None = None,
 ) -> dict[str, Any]:
     """The OpenAI error envelope (``Error`` in the spec), the only error shape we emit."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    if param is not None:
+        param = _encodable(param)
+    return {"error": {"message": _encodable(message), "type": type, "param": param, "code": code}}
 
 
 class APIError(Exception):

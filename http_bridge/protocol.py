@@ -5,17 +5,23 @@ strict: unknown fields, and known OpenAI fields glmserve does not implement (too
 response_format other than text, ...), are 400s naming the field instead of being silently
 ignored. A known-but-unimplemented field is accepted only at its neutral value (``null``,
 ``false``, ``{"type": "text"}``...), which is what SDKs send when the feature is off.
+
+Every field is bounded here, and the bounds are in the published ``/openapi.json``: integers to
+the range of the proto field they travel in (uint32, int64), floats to OpenAI's ranges and
+finite, strings and arrays to sizes the model server can take. What JSON itself can smuggle in
+(lone surrogates, duplicate keys, NaN, deep nesting) is refused earlier, in ``routes/body.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_serializer,
 )
@@ -23,8 +29,21 @@ from pydantic_core import PydanticCustomError
 
 MAX_N = 8
 MAX_STOP = 4
+MAX_STOP_BYTES = 256  # the model server's limit per stop string (chat.proto)
+UINT32_MAX = 2**32 - 1
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+# The model server takes gRPC messages of at most 4 MiB (grpc's default), so no longer text could
+# ever reach it: every character is at least one byte.
+MAX_TEXT_CHARS = 4 * 1024 * 1024
+# Far above any conversation a context window holds; bounds the work one request can cause.
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 256
+MAX_NAME_CHARS = 256  # model, message name, user
+# A sane floor: below it the penalty only rewards repetition absurdly, and near 0 it divides
+# logits past float32's range (the engine then samples from NaN). OpenAI's spec has no such
+# field; vLLM asks only for > 0.
+MIN_REPETITION_PENALTY = 0.01
 
 
 def _unsupported(field: str, why: str = "") -> PydanticCustomError:
@@ -66,9 +85,44 @@ _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 
 
 class _Strict(BaseModel):
-    """Strict JSON typing ("1" is not a number) and no unknown fields."""
+    """Strict JSON typing ("1" is not a number, true is not 1), no unknown fields, finite floats."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# What the hand-written validators below accept, stated for /openapi.json.
+_TEXT_SCHEMA: dict[str, Any] = {"type": "string", "maxLength": MAX_TEXT_CHARS}
+_CONTENT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        _TEXT_SCHEMA,
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_CONTENT_PARTS,
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": _TEXT_SCHEMA},
+                "required": ["type", "text"],
+                "additionalProperties": False,
+            },
+        },
+        {"type": "null"},
+    ],
+    "description": "A string or text parts (joined with newlines); null only for 'assistant'.",
+}
+_STOP_ITEM_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_STOP_BYTES,
+    "description": f"1 to {MAX_STOP_BYTES} UTF-8 bytes",
+}
+_STOP_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        _STOP_ITEM_SCHEMA,
+        {"type": "array", "maxItems": MAX_STOP, "items": _STOP_ITEM_SCHEMA},
+        {"type": "null"},
+    ]
+}
 
 
 class StreamOptions(_Strict):
@@ -86,10 +140,12 @@ class StreamOptions(_Strict):
 class ChatMessage(_Strict):
     """One input message. ``developer`` is treated as ``system``; ``name`` is accepted."""
 
-    role: str
+    role: Annotated[str, WithJsonSchema({"enum": ["system", "developer", "user", "assistant"]})]
     # A string, or a list of {"type": "text", "text": ...} parts; validated below.
-    content: Any = Field(default=None, validate_default=True)
-    name: str | None = None
+    content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = Field(
+        default=None, validate_default=True
+    )
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     # Fields of an earlier assistant reply (SDKs echo them back): accepted only when empty.
     refusal: None = None
     annotations: Any = None
@@ -123,11 +179,15 @@ class ChatMessage(_Strict):
                 return ""
             raise PydanticCustomError("missing", "content is required")
         if isinstance(value, str):
-            return value
+            return _bounded_text(value, "content")
         if not isinstance(value, list) or not value:
             raise PydanticCustomError(
                 "invalid_content",
                 "content must be a string or a non-empty array of text parts",
+            )
+        if len(value) > MAX_CONTENT_PARTS:
+            raise PydanticCustomError(
+                "too_long", "content has at most {n} parts", {"n": MAX_CONTENT_PARTS}
             )
         texts: list[str] = []
         for j, part in enumerate(value):
@@ -152,7 +212,7 @@ class ChatMessage(_Strict):
                 raise PydanticCustomError(
                     "invalid_content", "content[{j}].text must be a string", {"j": j}
                 )
-            texts.append(part["text"])
+            texts.append(_bounded_text(part["text"], f"content[{j}].text"))
         # Same joining rule as vLLM: parts are separate paragraphs of one message.
         return "\n".join(texts)
 
@@ -168,28 +228,40 @@ class ChatMessage(_Strict):
         return self.content  # a str after validation
 
 
+def _bounded_text(text: str, where: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise PydanticCustomError(
+            "too_long",
+            "{where} is longer than {n} characters",
+            {"where": where, "n": MAX_TEXT_CHARS},
+        )
+    return text
+
+
 class ChatCompletionRequest(_Strict):
     """CreateChatCompletionRequest, as far as glmserve implements it (plus vLLM extensions)."""
 
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(max_length=MAX_NAME_CHARS)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    # uint32 in chat.proto.
+    max_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    # A string or a list of strings; normalized to a list (validated below).
+    stop: Annotated[list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    # vLLM-style extensions.
-    top_k: int | None = Field(default=None, ge=-1)
-    min_tokens: int | None = Field(default=None, ge=0)
+    user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    # vLLM-style extensions; top_k and min_tokens are uint32 in chat.proto.
+    top_k: int | None = Field(default=None, ge=-1, le=UINT32_MAX)
+    min_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX)
     ignore_eos: bool | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2)
     # Known OpenAI fields that are not implemented: only their neutral values pass.
     tools: Any = None
     tool_choice: Any = None
@@ -227,16 +299,26 @@ class ChatCompletionRequest(_Strict):
         }
         raise _unsupported(name, hints.get(name, ""))
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     @field_validator("stop")
     @classmethod
-    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        items = [value] if isinstance(value, str) else (value or [])
+    def _stop(cls, value: list[str] | None) -> list[str] | None:
+        items = value or []
         if len(items) > MAX_STOP:
             raise PydanticCustomError(
                 "too_many_stop", "at most {n} stop sequences are allowed", {"n": MAX_STOP}
             )
-        if any(item == "" for item in items):
-            raise PydanticCustomError("empty_stop", "stop sequences must not be empty")
+        for i, item in enumerate(items):
+            if not item or len(item.encode()) > MAX_STOP_BYTES:
+                raise PydanticCustomError(
+                    "stop_length",
+                    "stop[{i}] must be 1 to {n} UTF-8 bytes",
+                    {"i": i, "n": MAX_STOP_BYTES},
+                )
         return value
 
     @field_validator("max_completion_tokens")
@@ -273,9 +355,7 @@ class ChatCompletionRequest(_Strict):
 
     @property
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return self.stop or []
 
     @property
     def include_usage(self) -> bool:

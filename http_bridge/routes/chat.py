@@ -40,9 +40,10 @@ from http_bridge.protocol import (
     ResponseMessage,
     Usage,
 )
+from http_bridge.routes.body import JSONBodyRoute
 
 log = logging.getLogger("http_bridge.chat")
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], route_class=JSONBodyRoute)
 
 T = TypeVar("T")
 
@@ -55,6 +56,12 @@ _ROLES = {
 _FINISH = {chat_pb2.FINISH_REASON_STOP: "stop", chat_pb2.FINISH_REASON_LENGTH: "length"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,100}$")
 _DONE = format_sse_event(data_str="[DONE]")
+# Below this a temperature (or top_p) is greedy decoding in all but name, and dividing logits by
+# it can overflow float32; it is sent as temperature 0, as vLLM does (its _SAMPLING_EPS).
+SAMPLING_EPS = 1e-5
+# The model server's gRPC receive limit (grpc's default): a larger ChatRequest never arrives, and
+# grpc would report it as RESOURCE_EXHAUSTED, which reads as a retryable 429.
+MAX_GRPC_REQUEST_BYTES = 4 * 1024 * 1024
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -63,6 +70,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "Missing or wrong API key",
         404: "Unknown model",
         413: "Body larger than --max-request-bytes",
+        415: "Body not declared as uncompressed UTF-8 JSON (Content-Type, Content-Encoding)",
         429: "The model server's queue is full",
         503: "No model server is available",
         504: "--request-timeout passed",
@@ -89,7 +97,9 @@ def request_id_for(request: Request, completion_id: str) -> str:
 
 
 def grpc_requests(body: ChatCompletionRequest, completion_id: str) -> list[chat_pb2.ChatRequest]:
-    """One ChatRequest per choice; choice i samples with seed + i so choices differ."""
+    """One ChatRequest per choice; choice i samples with seed + i so choices differ.
+
+    A 400 when the request would be larger than the model server accepts."""
     messages = [_message(m) for m in body.messages]
     requests = []
     for i in range(body.choices):
@@ -106,9 +116,12 @@ def grpc_requests(body: ChatCompletionRequest, completion_id: str) -> list[chat_
         if body.token_limit is not None:
             req.max_tokens = body.token_limit
         if body.temperature is not None:
-            req.temperature = body.temperature
+            req.temperature = body.temperature if body.temperature >= SAMPLING_EPS else 0.0
         if body.top_p is not None:
-            req.top_p = body.top_p
+            if body.top_p >= SAMPLING_EPS:
+                req.top_p = body.top_p
+            else:  # a nucleus of (almost) nothing keeps only the likeliest token: greedy
+                req.temperature = 0.0
         if body.top_k is not None and body.top_k > 0:  # vLLM's -1 and 0 both mean "no limit"
             req.top_k = body.top_k
         if body.repetition_penalty is not None:
@@ -116,6 +129,15 @@ def grpc_requests(body: ChatCompletionRequest, completion_id: str) -> list[chat_
         if body.seed is not None:
             req.seed = (body.seed + i) % 2**64  # the proto's uint64; negative seeds wrap
         requests.append(req)
+    size = requests[0].ByteSize()
+    if size > MAX_GRPC_REQUEST_BYTES:
+        raise APIError(
+            400,
+            f"The conversation is {size} bytes as a gRPC request; the model server accepts at "
+            f"most {MAX_GRPC_REQUEST_BYTES}.",
+            param="messages",
+            code="request_too_large",
+        )
     return requests
 
 

@@ -1,14 +1,18 @@
-"""Extract the OpenAI response schemas the bridge must match into a committed JSON Schema file.
+"""Extract the OpenAI schemas the bridge's tests use into committed JSON Schema files.
 
 Usage (from the repo root)::
 
     .venv/bin/python tests/openai_schemas/extract.py [path/to/openai-openapi.yaml]
 
 The default path is ``../shared/openai-openapi.yaml`` next to the repo root. The 3 MB OpenAPI
-document is not part of the repo (a clean clone may not have it), so the closure of the schemas
-``tests/test_bridge_openapi.py`` validates against is written to ``openai_chat_schemas.json``
-beside this script and committed; that test re-runs this extraction when the YAML is present and
-fails if the committed file is stale.
+document is not part of the repo (a clean clone may not have it), so the closures of the schemas
+the tests need are written beside this script and committed:
+
+- ``openai_chat_schemas.json``: the responses ``tests/test_bridge_openapi.py`` validates against;
+- ``openai_request_schemas.json``: ``CreateChatCompletionRequest``, which
+  ``tests/test_bridge_fuzz.py`` generates request bodies from.
+
+Both tests re-run this extraction when the YAML is present and fail if their file is stale.
 
 OpenAPI-only constructs are translated to JSON Schema 2020-12:
 
@@ -44,6 +48,8 @@ ROOTS = (
     "Model",
     "ErrorResponse",
 )
+REQUEST_OUTPUT = HERE / "openai_request_schemas.json"
+REQUEST_ROOTS = ("CreateChatCompletionRequest",)
 REF_PREFIX = "#/components/schemas/"
 DROPPED_KEYS = frozenset({"x-oaiMeta"})
 
@@ -121,19 +127,20 @@ def translate(node: Any) -> Any:
     return out
 
 
-def check_discriminators(schemas: dict[str, Any], node: Any = None) -> None:
+def check_discriminators(schemas: dict[str, Any]) -> None:
     """Fail unless every ``discriminator`` is redundant with its ``oneOf`` in JSON Schema terms.
 
     JSON Schema ignores ``discriminator``; that is only safe when the ``oneOf`` branches are
     ``$ref``s whose discriminating property is required and a one-value enum, distinct per branch.
     """
-    if node is None:
-        for schema in schemas.values():
-            check_discriminators(schemas, schema)
-        return
+    for schema in schemas.values():
+        _check_discriminators(schemas, schema)
+
+
+def _check_discriminators(schemas: dict[str, Any], node: Any) -> None:
     if isinstance(node, list):
         for item in node:
-            check_discriminators(schemas, item)
+            _check_discriminators(schemas, item)
         return
     if not isinstance(node, dict):
         return
@@ -149,15 +156,20 @@ def check_discriminators(schemas: dict[str, Any], node: Any = None) -> None:
         if not tags or len(set(tags)) != len(tags):
             raise ValueError(f"discriminator {prop!r}: tags {tags} are not distinct")
     for value in node.values():
-        check_discriminators(schemas, value)
+        _check_discriminators(schemas, value)
 
 
-def extract(source: Path) -> dict[str, Any]:
-    """The document written to ``openai_chat_schemas.json``."""
-    spec = load_spec(source)
+def extract(source: Path, roots: tuple[str, ...] = ROOTS) -> dict[str, Any]:
+    """The document written to ``openai_chat_schemas.json`` (or, for ``REQUEST_ROOTS``, to
+    ``openai_request_schemas.json``)."""
+    return build(load_spec(source), source, roots)
+
+
+def build(spec: dict[str, Any], source: Path, roots: tuple[str, ...]) -> dict[str, Any]:
+    """The closure of ``roots`` in ``spec``, translated, with where it came from."""
     schemas = spec["components"]["schemas"]
     info = spec.get("info", {})
-    names = closure(schemas)
+    names = closure(schemas, roots)
     check_discriminators({name: schemas[name] for name in names})
     return {
         "$comment": (
@@ -171,7 +183,7 @@ def extract(source: Path) -> dict[str, Any]:
             "title": info.get("title"),
             "version": info.get("version"),
         },
-        "roots": list(ROOTS),
+        "roots": list(roots),
         "components": {
             "schemas": {name: translate(schemas[name]) for name in names},
         },
@@ -186,15 +198,17 @@ def render(document: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--out", type=Path, default=OUTPUT)
+    parser.add_argument("--out-dir", type=Path, default=HERE)
     args = parser.parse_args(argv)
     if not args.source.is_file():
         print(f"no OpenAPI document at {args.source}", file=sys.stderr)
         return 2
-    document = extract(args.source)
-    args.out.write_text(render(document), encoding="utf-8")
-    count = len(document["components"]["schemas"])
-    print(f"wrote {count} schemas to {args.out}")
+    spec = load_spec(args.source)
+    for output, roots in ((OUTPUT, ROOTS), (REQUEST_OUTPUT, REQUEST_ROOTS)):
+        document = build(spec, args.source, roots)
+        out = args.out_dir / output.name
+        out.write_text(render(document), encoding="utf-8")
+        print(f"wrote {len(document['components']['schemas'])} schemas to {out}")
     return 0
 
 
