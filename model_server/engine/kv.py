@@ -223,7 +223,8 @@ def extract_blocks(
 
 
 def cache_from_blocks(blocks: list[torch.Tensor], spare: int = GROW_TOKENS) -> GrowableCache:
-    """A one-row cache holding the given consecutive blocks (a prefix-cache hit)."""
+    """A one-row cache holding the given consecutive blocks (a prefix-cache hit), with room
+    for ``spare`` more positions (the rest of the prompt: no growth copy when it is computed)."""
     stacked = torch.stack(blocks)  # [n, layers, 2, h, bs, d]
     n, num_layers, _, h, bs, d = stacked.shape
     layers = []

@@ -135,8 +135,8 @@ class KVStore:
 
     def load_prefix(self, seq: Sequence, blocks: list[torch.Tensor]) -> None:
         """A prefix-cache hit becomes the request's prefill cache."""
-        cache = kv.cache_from_blocks(blocks)
         n = len(blocks) * self.block_size
+        cache = kv.cache_from_blocks(blocks, spare=seq.num_tokens - n + kv.GROW_TOKENS)
         self.pending[id(seq)] = (cache, torch.ones(1, n, dtype=torch.long))
 
     def drop_pending(self, seq: Sequence) -> None:
