@@ -133,3 +133,29 @@ async def test_watchdog_ends_streams_when_the_engine_thread_dies(tiny):
 
 async def _collect(stream) -> list:  # noqa: ANN001
     return [o async for o in stream]
+
+
+async def test_a_loop_failure_ends_every_request_instead_of_hanging(tiny):
+    """A bug outside any forward (here: admission raising every time) must not leave queued
+    requests waiting forever: they end with an error, and the engine keeps running."""
+    engine = Engine(tiny, EngineConfig())
+    admit = engine.scheduler.admit
+    broken = {"on": True}
+
+    def flaky_admit():
+        if broken["on"]:
+            raise RuntimeError("admission bug")
+        return admit()
+
+    engine.scheduler.admit = flaky_admit  # type: ignore[method-assign]
+    engine.start()
+    try:
+        prompt = tiny.chat_format.render([ChatMessage("user", "hello")])
+        outs = await asyncio.wait_for(
+            _collect(engine.submit(GenerationRequest("x", prompt, SamplingParams(4)))), 10
+        )
+        assert outs[-1].error is not None
+        broken["on"] = False
+        assert len(await asyncio.wait_for(_generate(engine, prompt, 4, "y"), 10)) == 4
+    finally:
+        engine.shutdown()

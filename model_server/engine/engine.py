@@ -515,9 +515,12 @@ class Engine:
             return True
 
     def _fail_all(self, error: BaseException) -> None:
-        """A failure outside any one forward: every admitted request ends; the queue stays."""
+        """A failure outside any one forward (a bug in the loop, e.g. in admission): every
+        request in the engine ends, the queued ones too, since a failure that repeats at
+        every iteration would otherwise leave them waiting forever."""
         sched = self.scheduler
-        for seq in [*sched.prefilling, *sched.running]:
+        self._take_inbox()
+        for seq in [*sched.waiting, *sched.prefilling, *sched.running]:
             sched.finished(seq)
             seq.abort(error)
         self.kv.reset()
