@@ -224,16 +224,19 @@ def extract_blocks(
 
 def cache_from_blocks(blocks: list[torch.Tensor], spare: int = GROW_TOKENS) -> GrowableCache:
     """A one-row cache holding the given consecutive blocks (a prefix-cache hit), with room
-    for ``spare`` more positions (the rest of the prompt: no growth copy when it is computed)."""
-    stacked = torch.stack(blocks)  # [n, layers, 2, h, bs, d]
-    n, num_layers, _, h, bs, d = stacked.shape
+    for ``spare`` more positions (the rest of the prompt: no growth copy when it is computed).
+    Each layer is assembled from small per-layer stacks (cache-friendly, no full-size copy of
+    everything first)."""
+    n = len(blocks)
+    num_layers, _, h, bs, d = blocks[0].shape
     layers = []
     for li in range(num_layers):
         layer = GrowableLayer()
         bufs = []
         for kv_i in range(2):
-            buf = stacked.new_empty(1, h, n * bs + spare, d)
-            buf[0, :, : n * bs] = stacked[:, li, kv_i].transpose(0, 1).reshape(h, n * bs, d)
+            buf = blocks[0].new_empty(1, h, n * bs + spare, d)
+            part = torch.stack([b[li, kv_i] for b in blocks], dim=1)  # [h, n, bs, d]
+            buf[0, :, : n * bs].view(h, n, bs, d).copy_(part)
             bufs.append(buf)
         layer.lazy_initialization(bufs[0], bufs[1])
         layer.set_buffers(bufs[0], bufs[1], n * bs)
