@@ -182,8 +182,8 @@ def select(
 ) -> tuple[GrowableCache, torch.Tensor]:
     """Keeps rows ``keep`` (ascending). Rows move down in place inside the same buffers; the
     leading columns that are padding in every kept row are trimmed when there are enough of
-    them to be worth a copy. ``shrink`` copies into exact-size buffers, so the memory of the
-    rows that left goes back (a preemption needs it)."""
+    them to be worth a copy. ``shrink`` copies the kept rows into new buffers (spare room
+    kept), so the memory of the rows that left goes back (a preemption needs it)."""
     mask = mask[keep]
     real = mask.any(dim=0).nonzero()
     start = int(real[0]) if real.numel() else mask.shape[1]
@@ -192,8 +192,15 @@ def select(
         for layer in cache.layers:
             layer.compact_rows(order)
         return cache, mask
-    for layer in cache.layers:  # advanced indexing copies into exact-size tensors
-        layer.keys, layer.values = layer.keys[keep, :, start:], layer.values[keep, :, start:]
+    for layer in cache.layers:  # new buffers for the kept rows, spare room kept
+        assert layer._k is not None and layer._v is not None
+        length = layer.get_seq_length()
+        bufs = []
+        for old in (layer._k, layer._v):
+            buf = old.new_empty(len(keep), old.shape[1], old.shape[2] - start, old.shape[3])
+            buf[:, :, : length - start] = old[keep, :, start:length]
+            bufs.append(buf)
+        layer.set_buffers(bufs[0], bufs[1], length - start)
     return cache, mask[:, start:]
 
 
