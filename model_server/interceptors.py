@@ -1,5 +1,6 @@
 """One place that turns exceptions into statuses: domain errors by ``errors.STATUS_OF``,
-anything unexpected into INTERNAL (with a logged traceback)."""
+anything unexpected into INTERNAL (with a logged traceback), and request bytes that are not a
+valid message into INVALID_ARGUMENT (grpc.aio itself would answer UNKNOWN)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,35 @@ import grpc
 from .errors import status_of
 
 log = logging.getLogger(__name__)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse (handed to the handler wrapper)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> object:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+            return _Undecodable(exc)
+
+    return parse
+
+
+async def _refuse_undecodable(request: object, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the request is not a valid protobuf message for this method "
+            "(corrupt wire format, or a string field that is not UTF-8)",
+        )
 
 
 class ExceptionInterceptor(grpc.aio.ServerInterceptor):
@@ -33,18 +63,20 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request, context):  # noqa: ANN001
+                await _refuse_undecodable(request, context)
                 try:
                     return await inner_uu(request, context)
                 except Exception as exc:  # noqa: BLE001
                     await _internal(method, context, exc)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             inner_us = handler.unary_stream
 
             async def unary_stream(request, context):  # noqa: ANN001
+                await _refuse_undecodable(request, context)
                 try:
                     async for item in inner_us(request, context):
                         yield item
@@ -52,7 +84,7 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                     await _internal(method, context, exc)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream:
             # Coroutine-style streaming handlers (grpc_health's Watch) write with
@@ -60,13 +92,16 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
             inner_uw = handler.unary_stream
 
             async def unary_stream_writer(request, context):  # noqa: ANN001
+                await _refuse_undecodable(request, context)
                 try:
                     await inner_uw(request, context)
                 except Exception as exc:  # noqa: BLE001
                     await _internal(method, context, exc)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream_writer, handler.request_deserializer, handler.response_serializer
+                unary_stream_writer,
+                _tolerant(handler.request_deserializer),
+                handler.response_serializer,
             )
         return handler
 
