@@ -1,6 +1,7 @@
-"""Pure ASGI middleware that must act before a route reads the body: API keys and body size.
+"""Pure ASGI middleware: API keys and body size (before a route reads the body), and the
+security headers every response carries.
 
-Both answer with the OpenAI envelope via :mod:`http_bridge.errors`.
+The first two answer with the OpenAI envelope via :mod:`http_bridge.errors`.
 
 Why not a FastAPI dependency for the key check: FastAPI parses the body before it runs
 dependencies, so an unauthenticated client could make us parse (and 400 or 413) its body.
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import hmac
 
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from http_bridge.errors import APIError
 
@@ -84,3 +85,48 @@ def too_large(max_bytes: int) -> APIError:
         f"Request body too large: the limit is {max_bytes} bytes (--max-request-bytes).",
         code="request_too_large",
     )
+
+
+# What the chat page (http_bridge/static/) needs and no more: its own module scripts,
+# stylesheet and favicon, fetches to this origin only; no inline code, eval or data: URLs.
+# The page's <meta> policy says the same (minus data: images, which it never uses); a header
+# adds what a <meta> cannot: frame-ancestors, so no other site can frame the page.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "font-src 'self'; connect-src 'self'; object-src 'none'; frame-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+class SecurityHeadersMiddleware:
+    """Adds Content-Security-Policy, nosniff and Referrer-Policy to every HTTP response.
+
+    On every response, not only the page's: a JSON error opened in a browser tab is then
+    just as inert, and nosniff stops a browser from guessing a script out of any body.
+    Headers a route already set are kept.
+    """
+
+    def __init__(
+        self, app: ASGIApp, csp: str = PAGE_CSP, referrer_policy: str = "no-referrer"
+    ) -> None:
+        self.app = app
+        self.headers = {
+            "content-security-policy": csp,
+            "x-content-type-options": "nosniff",
+            "referrer-policy": referrer_policy,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(raw=list(message.get("headers", [])))
+                for name, value in self.headers.items():
+                    headers.setdefault(name, value)
+                message["headers"] = headers.raw
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

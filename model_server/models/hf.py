@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from .base import ChatMessage, ConversationError, LoadedModel, ModelLoadError, TextFilter
 
@@ -31,12 +33,30 @@ class HFTokenizer:
 
 
 class TemplateChatFormat:
-    """The model's own Jinja chat template, rendered then tokenized without extra specials."""
+    """The model's own Jinja chat template; only the template's markup yields special tokens.
+
+    The template is rendered and tokenized as it always was (so prompts, and the engine's
+    prefix cache, are unchanged), then checked: a special token whose text came from a
+    message's content (``<|im_start|>`` typed by a user) is re-tokenized as plain text.
+    """
 
     def __init__(self, tokenizer) -> None:  # noqa: ANN001
         if not getattr(tokenizer, "chat_template", None):
             raise ModelLoadError("the tokenizer has no chat template; glmserve serves chat models")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelLoadError(
+                "the tokenizer has no fast (tokenizers) version; glmserve needs one to keep "
+                "special tokens out of message content"
+            )
         self._tok = tokenizer
+        self._special_ids = frozenset(
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+        )
+        # A private copy that always spells special-token names as text. Not the shared
+        # tokenizer's split_special_tokens flag: that is state on the shared Rust object, and
+        # renders run on several threads.
+        self._plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._plain.encode_special_tokens = True
 
     def render(self, messages: Sequence[ChatMessage]) -> list[int]:
         if not messages:
@@ -45,18 +65,83 @@ class TemplateChatFormat:
             raise ConversationError(
                 f"messages: the last message must be from the user (got {messages[-1].role})"
             )
+        contents = [m.content for m in messages]
+        text = self._apply(messages, contents)
+        # Same conversation with each content replaced by a marker: the template's markup alone.
+        markers = [f"{_MARKER}{i}{_MARKER}" for i in range(len(messages))]
+        skeleton = self._apply(messages, markers)
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids: list[int] = list(enc["input_ids"])
+        spans = _content_spans(skeleton, markers, contents, text)
+        if spans is None:
+            # The template rewrites content (trims it, say): positions are unknown, but the
+            # markup's specials are those of the skeleton, so any extra one came from content.
+            markup = self._tok.encode(skeleton, add_special_tokens=False)
+            if Counter(i for i in ids if i in self._special_ids) != Counter(
+                i for i in markup if i in self._special_ids
+            ):
+                raise ConversationError(
+                    "messages: the content contains a special token of this model, which its "
+                    "chat template does not allow to be kept as plain text"
+                )
+            return ids
+        kept: list[tuple[int, int, int]] = []  # (start, end, id) of the markup's specials
+        injected = False
+        for token_id, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
+            if token_id not in self._special_ids:
+                continue
+            if any(start < c_end and c_start < end for c_start, c_end in spans):
+                injected = True
+            else:
+                kept.append((start, end, token_id))
+        if not injected:
+            return ids
+        out: list[int] = []
+        pos = 0
+        for start, end, token_id in [*kept, (len(text), len(text), -1)]:
+            if start > pos:
+                out += self._plain.encode(text[pos:start], add_special_tokens=False).ids
+            if token_id >= 0:
+                out.append(token_id)
+            pos = end
+        return out
+
+    def _apply(self, messages: Sequence[ChatMessage], contents: Sequence[str]) -> str:
         try:
-            text = self._tok.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
+            return self._tok.apply_chat_template(
+                [{"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)],
                 tokenize=False,
                 add_generation_prompt=True,
             )
         except Exception as exc:  # jinja's raise_exception() in templates that check roles
             raise ConversationError(f"messages: the chat template rejected them: {exc}") from exc
-        return list(self._tok.encode(text, add_special_tokens=False))
 
     def reply_filter(self) -> TextFilter | None:
         return None
+
+
+# Stands for a message's content while the template renders: private-use characters, so no
+# special token, no whitespace for a template to trim, and nothing a real message would hold.
+_MARKER = "\ue000"
+
+
+def _content_spans(
+    skeleton: str, markers: Sequence[str], contents: Sequence[str], text: str
+) -> list[tuple[int, int]] | None:
+    """Where each content sits in ``text``, or None unless the template copied it verbatim."""
+    spans: list[tuple[int, int]] = []
+    rebuilt: list[str] = []
+    rest = skeleton
+    for marker, content in zip(markers, contents, strict=True):
+        head, found, rest = rest.partition(marker)
+        if not found or marker in rest:
+            return None
+        rebuilt.append(head)
+        start = sum(map(len, rebuilt))
+        spans.append((start, start + len(content)))
+        rebuilt.append(content)
+    rebuilt.append(rest)
+    return spans if "".join(rebuilt) == text else None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
