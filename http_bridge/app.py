@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from http_bridge.backend import Backend
 from http_bridge.errors import APIError, http_error, validation_error
+from http_bridge.limits import Limiter, LimitsMiddleware
 from http_bridge.metrics import BridgeMetrics, MetricsMiddleware
 from http_bridge.middleware import ApiKeyMiddleware, ContentLengthGuard, too_large
 from http_bridge.protocol import ChatCompletionRequest
@@ -33,6 +34,9 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
     to start, and the app answers 503 until one is SERVING."""
     settings = settings or Settings()
     backend = Backend(settings)  # validates --backend targets now, not at first request
+    limiter = Limiter(  # and the rates
+        settings.rate_limit, settings.token_rate_limit, settings.max_concurrent_per_key
+    )
     bridge_metrics = BridgeMetrics(backend.available)
 
     @asynccontextmanager
@@ -65,8 +69,10 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
     _add_error_handlers(app, settings)
 
     # add_middleware wraps: the last added runs first. Order on the way in:
-    # metrics → CORS (answers preflights, decorates errors) → API key → body size.
+    # metrics → CORS (answers preflights, decorates errors) → API key → limits → body size.
     app.add_middleware(ContentLengthGuard, max_bytes=settings.max_request_bytes)
+    if limiter.enabled:
+        app.add_middleware(LimitsMiddleware, limiter=limiter, keyed=bool(settings.api_keys))
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(

@@ -67,6 +67,29 @@ class Settings:
         help="seconds; the deadline of each Chat RPC, covering the whole stream. "
         "Past it: 504 (or an error chunk if the stream had started)",
     )
+    rate_limit: str | None = setting(
+        None,
+        flag="--rate-limit",
+        env="GLMSERVE_RATE_LIMIT",
+        metavar="RATE",
+        help="requests per key (API key, else client IP) to `/v1/chat/completions`, in the "
+        "`limits` syntax: `5/minute`, `10/second;100/minute`; moving window; over it: 429",
+    )
+    token_rate_limit: str | None = setting(
+        None,
+        flag="--token-rate-limit",
+        env="GLMSERVE_TOKEN_RATE_LIMIT",
+        metavar="RATE",
+        help="tokens (prompt once + completion) per key, same syntax, fixed window; charged as "
+        "each choice finishes, so the last request may overshoot; over it: 429",
+    )
+    max_concurrent_per_key: int | None = setting(
+        None,
+        flag="--max-concurrent-per-key",
+        env="GLMSERVE_MAX_CONCURRENT_PER_KEY",
+        metavar="N",
+        help="open `/v1/chat/completions` requests (streams included) per key; the next: 429",
+    )
     # Serve the chat page at / and /static when the static directory exists.
     ui: bool = setting(
         True,
@@ -102,6 +125,8 @@ class Settings:
             raise ValueError("--max-request-bytes must be >= 1")
         if not 0 < self.port < 65536:
             raise ValueError("--port must be in 1..65535")
+        if self.max_concurrent_per_key is not None and self.max_concurrent_per_key < 1:
+            raise ValueError("--max-concurrent-per-key must be >= 1")
 
 
 CLI = Cli(

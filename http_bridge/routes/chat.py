@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from glmserve.v1 import chat_pb2
 from http_bridge.backend import Backend
 from http_bridge.errors import APIError, error_body, from_grpc
+from http_bridge.limits import Lease, lease_of
 from http_bridge.metrics import START_KEY, BridgeMetrics
 from http_bridge.protocol import (
     ChatCompletion,
@@ -71,7 +72,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "Unknown model",
         413: "Body larger than --max-request-bytes",
         415: "Body not declared as uncompressed UTF-8 JSON (Content-Type, Content-Encoding)",
-        429: "The model server's queue is full",
+        429: "The model server's queue is full, or a per-key limit was reached",
         503: "No model server is available",
         504: "--request-timeout passed",
     }.items()
@@ -175,6 +176,7 @@ class ChoiceCalls:
     arrived: float
     stream: bool
     used_max_completion_tokens: bool = False
+    lease: Lease | None = None  # per-key limits: each finished choice charges its tokens
     started: bool = False  # some backend answered: a retry could generate twice
     first_text_at: float | None = None
     finished: list[bool] = field(default_factory=list)
@@ -194,6 +196,8 @@ class ChoiceCalls:
             self.metrics.ttft.labels("true" if self.stream else "false").observe(
                 self.first_text_at - self.arrived
             )
+        if self.lease is not None and msg.finish_reason in _FINISH:
+            self.lease.charge(msg.usage.prompt_tokens, msg.usage.completion_tokens)
         return msg
 
     def error(self, err: BaseException) -> APIError:
@@ -286,6 +290,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         arrived=request.scope.get(START_KEY, time.perf_counter()),
         stream=bool(body.stream),
         used_max_completion_tokens=body.max_completion_tokens is not None,
+        lease=lease_of(request.scope),
     )
     headers = {"x-request-id": request_id}
     try:

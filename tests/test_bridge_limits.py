@@ -1,0 +1,201 @@
+"""Per-key limits over real processes: model-server → http-bridge (uvicorn) → openai SDK / httpx.
+
+Nothing is mocked. The concurrency test freezes the model server (SIGSTOP) so that admitted
+requests stay open for as long as the test needs, whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from procs import Proc, start_bridge, start_model_server
+
+from http_bridge.app import create_app
+from http_bridge.settings import Settings
+
+KEY_A, KEY_B, KEY_C = "sk-limits-a", "sk-limits-b", "sk-limits-c"
+HI = [{"role": "user", "content": "Hi!"}]
+PATH = "/v1/chat/completions"
+REQUEST_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+)
+TOKEN_HEADERS = tuple(h.replace("requests", "tokens") for h in REQUEST_HEADERS)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[Proc]:
+    with start_model_server(str(tiny_model_dir)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def keyed(server: Proc) -> Iterator[Proc]:
+    """Three keys, 5 requests a minute and 2 open requests each."""
+    args = ("--backend", server.target, "--no-ui", "--rate-limit", "5/minute")
+    env = {"GLMSERVE_API_KEYS": f"{KEY_A},{KEY_B},{KEY_C}", "GLMSERVE_MAX_CONCURRENT_PER_KEY": "2"}
+    with start_bridge(*args, env=env) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def model_id(keyed: Proc) -> str:
+    return sdk(keyed, KEY_A).models.list().data[0].id
+
+
+def sdk(bridge: Proc, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
+
+
+def body(model: str, **extra: object) -> dict:
+    return {"model": model, "messages": HI, "max_tokens": 2, **extra}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_429(response: httpx.Response, limit: str, kind: str = "requests") -> None:
+    """A 429 in the OpenAI envelope with Retry-After and the x-ratelimit headers of ``kind``."""
+    assert response.status_code == 429, response.text
+    err = response.json()["error"]
+    assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded", err
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    names = REQUEST_HEADERS if kind == "requests" else TOKEN_HEADERS
+    assert all(h in response.headers for h in names), response.headers
+    assert response.headers[names[0]] == limit
+    if kind == "tokens":
+        assert response.headers[names[1]] == "0"
+
+
+def test_request_rate_is_per_api_key(keyed: Proc, model_id: str) -> None:
+    client_a = sdk(keyed, KEY_A)
+    remaining = []
+    for _ in range(5):
+        raw = client_a.chat.completions.with_raw_response.create(**body(model_id))
+        assert raw.headers["x-ratelimit-limit-requests"] == "5"
+        assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+        remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+        assert raw.parse().choices[0].finish_reason == "length"
+    assert remaining == [4, 3, 2, 1, 0]
+
+    with pytest.raises(openai.RateLimitError) as caught:
+        client_a.chat.completions.create(**body(model_id))
+    assert caught.value.code == "rate_limit_exceeded"
+    assert_429(caught.value.response, "5")
+    assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+    # Key A's exhaustion is key A's alone.
+    reply = sdk(keyed, KEY_B).chat.completions.create(**body(model_id))
+    assert reply.choices[0].message.content is not None
+
+    # Only generation is limited; the rest answers A without x-ratelimit headers.
+    for path in ("/health", "/metrics", "/v1/models"):
+        r = httpx.get(keyed.url + path, headers=auth(KEY_A), timeout=10)
+        assert r.status_code == 200, (path, r.text)
+        assert "x-ratelimit-limit-requests" not in r.headers
+
+
+def test_request_rate_is_per_ip_without_keys(server: Proc) -> None:
+    with start_bridge("--backend", server.target, "--no-ui", "--rate-limit", "2/minute") as b:
+        client = sdk(b)
+        model = client.models.list().data[0].id
+        for _ in range(2):
+            client.chat.completions.create(**body(model))
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(**body(model))
+        assert_429(caught.value.response, "2")
+        # uvicorn trusts X-Forwarded-For from loopback: another client IP, its own budget.
+        other = httpx.post(
+            b.url + PATH, json=body(model), headers={"x-forwarded-for": "10.1.2.3"}, timeout=30
+        )
+        assert other.status_code == 200, other.text
+        assert other.headers["x-ratelimit-remaining-requests"] == "1"
+
+
+async def _admitted(client: httpx.AsyncClient, key: str, model: str) -> asyncio.Task:
+    """A request of ``key`` that the bridge admitted (it hangs on the frozen server): retried
+    while the answer is a 429, for up to 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        task = asyncio.ensure_future(client.post(PATH, json=body(model), headers=auth(key)))
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if not done:
+            return task
+        assert_429(task.result(), "5")
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no slot freed for {key} within 10 s")
+
+
+def test_concurrent_requests_per_key(keyed: Proc, server: Proc, model_id: str) -> None:
+    stream = body(model_id, stream=True, max_tokens=400, ignore_eos=True)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=keyed.url, timeout=60) as client:
+            streams = []
+            for _ in range(2):
+                request = client.build_request("POST", PATH, json=stream, headers=auth(KEY_C))
+                streams.append(await client.send(request, stream=True))
+                assert streams[-1].status_code == 200
+                assert streams[-1].headers["x-ratelimit-remaining-requests"] == str(
+                    5 - len(streams)
+                )
+            server.proc.send_signal(signal.SIGSTOP)  # both streams now stay open
+            try:
+                third = openai.AsyncOpenAI(
+                    base_url=keyed.url + "/v1", api_key=KEY_C, max_retries=0, timeout=10
+                )
+                with pytest.raises(openai.RateLimitError) as caught:
+                    await third.chat.completions.create(**body(model_id))
+                assert_429(caught.value.response, "5")
+                assert "concurrent" in caught.value.message
+                other_key = asyncio.ensure_future(
+                    client.post(PATH, json=body(model_id), headers=auth(KEY_B))
+                )
+                await streams[0].aclose()  # the client leaves: its slot frees
+                again = await _admitted(client, KEY_C, model_id)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            for response in (await other_key, await again):
+                assert response.status_code == 200, response.text
+            await streams[1].aclose()
+
+    asyncio.run(run())
+
+
+def test_token_rate(server: Proc) -> None:
+    args = ("--backend", server.target, "--no-ui", "--token-rate-limit", "60/minute")
+    with start_bridge(*args) as b:
+        client = sdk(b)
+        model = client.models.list().data[0].id
+        # Streams charge too: prompt once plus every choice's completion tokens.
+        with client.chat.completions.create(
+            **body(model, max_tokens=5, n=2, stream=True, stream_options={"include_usage": True})
+        ) as chunks:
+            usage = [c.usage for c in chunks if c.usage][0]
+        assert usage.completion_tokens == 10
+        charged = usage.total_tokens
+        while charged < 60:  # a non-stream reply is charged before its headers leave
+            raw = client.chat.completions.with_raw_response.create(**body(model))
+            charged += raw.parse().usage.total_tokens
+            assert raw.headers["x-ratelimit-limit-tokens"] == "60"
+            assert raw.headers["x-ratelimit-remaining-tokens"] == str(max(0, 60 - charged))
+            assert "x-ratelimit-limit-requests" not in raw.headers  # no request rate set
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(**body(model))
+        assert_429(caught.value.response, "60", kind="tokens")
+        assert "tokens" in caught.value.message
+
+
+@pytest.mark.parametrize("rate", ["5/fortnight", "five/minute", ""])
+def test_a_bad_rate_stops_the_bridge_at_startup(rate: str) -> None:
+    with pytest.raises(ValueError, match="--token-rate-limit"):
+        create_app(Settings(token_rate_limit=rate))
