@@ -8,6 +8,12 @@ Resilience comes from grpc itself, not from loops of ours:
   round-robin picker sends it to the next healthy backend;
 - channel reconnect with a short maximum backoff, so a restarted backend is used again within
   seconds; and ``wait_for_ready=False``, so while nothing is up a call fails fast (→ 503).
+
+Security (``--backend-ca``/``--backend-cert``/``--backend-key``, ``--backend-token-file``): TLS
+is a property of the channel, so the health checks run over it too. The token goes as per-call
+metadata from the few methods below, every RPC the bridge makes: unlike call credentials it
+also works on a plaintext channel, and unlike a client interceptor it leaves the call objects
+the routes handle as grpc makes them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -115,6 +122,38 @@ def channel_options(settings: Settings) -> list[tuple[str, int | str]]:
     return options
 
 
+def _read(flag: str, path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{flag}: cannot read {path}: {err.strerror}") from None
+    if not data.strip():
+        raise ValueError(f"{flag}: {path} is empty")
+    return data
+
+
+def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """TLS from --backend-ca (plus --backend-cert/--backend-key: mutual TLS), else None for a
+    plaintext channel. A bad combination or file is a ValueError (the CLI's clean exit)."""
+    s = settings
+    if (s.backend_cert is None) != (s.backend_key is None):
+        raise ValueError("--backend-cert and --backend-key go together")
+    if s.backend_ca is None:
+        if s.backend_cert is not None:
+            raise ValueError("--backend-cert needs --backend-ca")
+        return None
+    root = _read("--backend-ca", s.backend_ca)
+    if s.backend_cert is None or s.backend_key is None:
+        return grpc.ssl_channel_credentials(root)
+    key = _read("--backend-key", s.backend_key)
+    return grpc.ssl_channel_credentials(root, key, _read("--backend-cert", s.backend_cert))
+
+
+def read_token(path: str) -> str:
+    """The --backend-token-file token, surrounding whitespace (the trailing newline) removed."""
+    return _read("--backend-token-file", path).decode().strip()
+
+
 class Backend:
     """Owns the channel (opened in the app's lifespan) and the few RPCs the routes need."""
 
@@ -126,12 +165,22 @@ class Backend:
         self._health: health_pb2_grpc.HealthStub | None = None
         self._models: list[chat_pb2.ModelInfo] = []
         self._models_at = 0.0
+        # Read now, so a bad file stops the bridge at start (create_app), not at the first call.
+        self._credentials = channel_credentials(settings)
+        token_file = settings.backend_token_file
+        self._auth = (("authorization", f"Bearer {read_token(token_file)}"),) if token_file else ()
+
+    def _metadata(self, request_id: str = "") -> tuple[tuple[str, str], ...]:
+        """Every call's metadata: the token, if any, and the request id, if any."""
+        return self._auth + ((("x-request-id", request_id),) if request_id else ())
 
     async def start(self) -> None:
         """Create the channel (needs the running loop) and start connecting right away."""
-        self._channel = grpc.aio.insecure_channel(
-            self.target, options=channel_options(self.settings)
-        )
+        options = channel_options(self.settings)
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options)
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._channel.get_state(try_to_connect=True)
@@ -160,7 +209,7 @@ class Backend:
         return self.stub.Chat(
             request,
             timeout=self.settings.request_timeout,
-            metadata=(("x-request-id", request_id),),
+            metadata=self._metadata(request_id),
             wait_for_ready=False,
         )
 
@@ -168,7 +217,7 @@ class Backend:
         response = await self.stub.ListModels(
             chat_pb2.ListModelsRequest(),
             timeout=min(CONTROL_TIMEOUT, self.settings.request_timeout),
-            metadata=(("x-request-id", request_id),) if request_id else None,
+            metadata=self._metadata(request_id) or None,
             wait_for_ready=False,
         )
         self._models = list(response.models)
@@ -196,6 +245,7 @@ class Backend:
             response = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=self.settings.health_service),
                 timeout=min(2.0, self.settings.request_timeout),
+                metadata=self._metadata() or None,
                 wait_for_ready=False,
             )
         except (grpc.aio.AioRpcError, asyncio.TimeoutError) as err:

@@ -32,6 +32,40 @@ class Settings:
         help="gRPC target(s) of the model server(s); repeat the flag or comma-separate. "
         "Several targets: round robin over the healthy ones",
     )
+    backend_ca: str | None = setting(
+        None,
+        flag="--backend-ca",
+        env="GLMSERVE_BACKEND_CA",
+        metavar="FILE",
+        help="PEM CA bundle that signed the model servers' certificates; "
+        "given, the channel speaks TLS",
+        default_text="off (plaintext)",
+    )
+    backend_cert: str | None = setting(
+        None,
+        flag="--backend-cert",
+        env="GLMSERVE_BACKEND_CERT",
+        metavar="FILE",
+        help="PEM client certificate chain for mutual TLS (with `--backend-key`)",
+        default_text="off",
+    )
+    backend_key: str | None = setting(
+        None,
+        flag="--backend-key",
+        env="GLMSERVE_BACKEND_KEY",
+        metavar="FILE",
+        help="PEM private key of `--backend-cert`",
+        default_text="off",
+    )
+    backend_token_file: str | None = setting(
+        None,
+        flag="--backend-token-file",
+        env="GLMSERVE_BACKEND_TOKEN_FILE",
+        metavar="FILE",
+        help="file holding the model servers' `--auth-token-file` token, "
+        "sent as `authorization: Bearer <token>` on every call",
+        default_text="off",
+    )
     host: str = setting(
         "127.0.0.1", flag="--host", env="GLMSERVE_BRIDGE_HOST", help="address to bind"
     )

@@ -1,4 +1,5 @@
-"""The grpc.aio server: ChatService, health, reflection; loading and draining."""
+"""The grpc.aio server: ChatService, health, reflection, TLS, token and limits; loading and
+draining."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
+from .auth import TokenInterceptor, read_token, server_credentials
 from .interceptors import ExceptionInterceptor
 from .metrics import ServerMetrics
 from .models.base import LoadedModel
@@ -26,6 +28,10 @@ log = logging.getLogger("model_server")
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A request is a chat (the bridge caps bodies at 1 MiB); a reply may be a long prompt's token
+# ids (Tokenize), up to what the bridge accepts (16 MiB).
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+MAX_SEND_BYTES = 16 * 1024 * 1024
 
 
 def prefill_chunk_for(requested: int, device_type: str) -> int:
@@ -62,19 +68,28 @@ class ModelServer:
         self.metrics = ServerMetrics()
         self.state = ServingState(settings.model_id)
         self.health = health.aio.HealthServicer()
+        interceptors: list[grpc.aio.ServerInterceptor] = [ExceptionInterceptor()]
+        if settings.auth_token_file:
+            # Outermost: a call without the token reaches nothing else.
+            interceptors.insert(0, TokenInterceptor(read_token(settings.auth_token_file)))
         self.server = grpc.aio.server(
-            interceptors=[ExceptionInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ],
+            maximum_concurrent_rpcs=settings.concurrent_rpcs,
         )
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(self.state), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
+        self.credentials = server_credentials(settings)
         self.address = f"{settings.host}:{settings.port}"
         self.engine_failed = asyncio.Event()
 
@@ -83,15 +98,29 @@ class ModelServer:
         await self.health.set(SERVICE_NAME, status)
 
     async def start(self) -> None:
-        if self.server.add_insecure_port(self.address) == 0:
+        if self.credentials is None:
+            bound = self.server.add_insecure_port(self.address)
+        else:
+            bound = self.server.add_secure_port(self.address, self.credentials)
+        if bound == 0:
             raise OSError(f"cannot bind {self.address}")
         await self._set_health(_NOT_SERVING)
         await self.server.start()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port, self.settings.host)
+        s = self.settings
         log.info(
             "listening",
-            extra={"fields": {"address": self.address, "metrics_port": self.settings.metrics_port}},
+            extra={
+                "fields": {
+                    "address": self.address,
+                    "tls": "mutual" if s.tls_client_ca else "on" if self.credentials else "off",
+                    "token": s.auth_token_file is not None,
+                    "reflection": s.reflection,
+                    "max_concurrent_rpcs": s.concurrent_rpcs,
+                    "metrics_port": s.metrics_port,
+                }
+            },
         )
 
     async def load(self) -> None:

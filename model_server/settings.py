@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from glmserve.settings import Cli, log_format_setting, log_level_setting, setting
 
 from .models import DEFAULT_MODEL
+
+# Calls beyond the batch and the queue: health watches (one per bridge channel), ListModels,
+# Tokenize.
+RPC_MARGIN = 64
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,54 @@ class Settings:
         help="watchdog: an engine step running longer than this marks the server `NOT_SERVING`, "
         "ends open streams with `UNAVAILABLE` and exits non-zero",
     )
+    max_concurrent_rpcs: int | None = setting(
+        None,
+        flag="--max-concurrent-rpcs",
+        env="GLMSERVE_MAX_CONCURRENT_RPCS",
+        help="calls open at once (streams included); beyond it grpc answers `RESOURCE_EXHAUSTED` "
+        "before any of our code runs. The default leaves room for health watches, `ListModels` "
+        "and `Tokenize` beside a full batch and a full queue",
+        default_text=f"`--max-num-seqs` + `--max-waiting` + {RPC_MARGIN}",
+    )
+    tls_cert: str | None = setting(
+        None,
+        flag="--tls-cert",
+        env="GLMSERVE_TLS_CERT",
+        metavar="FILE",
+        help="PEM certificate chain; with `--tls-key` the port speaks TLS only",
+        default_text="off (plaintext)",
+    )
+    tls_key: str | None = setting(
+        None,
+        flag="--tls-key",
+        env="GLMSERVE_TLS_KEY",
+        metavar="FILE",
+        help="PEM private key of `--tls-cert`",
+        default_text="off",
+    )
+    tls_client_ca: str | None = setting(
+        None,
+        flag="--tls-client-ca",
+        env="GLMSERVE_TLS_CLIENT_CA",
+        metavar="FILE",
+        help="PEM CA bundle; clients must present a certificate it signed (mutual TLS)",
+        default_text="off",
+    )
+    auth_token_file: str | None = setting(
+        None,
+        flag="--auth-token-file",
+        env="GLMSERVE_AUTH_TOKEN_FILE",
+        metavar="FILE",
+        help="file holding a shared token; every call except `grpc.health.v1` must send "
+        "`authorization: Bearer <token>`, else `UNAUTHENTICATED`",
+        default_text="off",
+    )
+    reflection: bool = setting(
+        True,
+        flag="--reflection",
+        env="GLMSERVE_REFLECTION",
+        help="gRPC server reflection (what `grpcurl list` and `describe` use)",
+    )
     log_level: str = log_level_setting("`debug`, `info` (one line per request), `warning`, `error`")
     log_format: str = log_format_setting()
 
@@ -126,6 +179,15 @@ class Settings:
             raise ValueError("--kv-block-size must be >= 1")
         if self.step_timeout_seconds <= 0:
             raise ValueError("--step-timeout-seconds must be > 0")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError("--max-concurrent-rpcs must be >= 1")
+
+    @property
+    def concurrent_rpcs(self) -> int:
+        """--max-concurrent-rpcs, else every seat and queue slot plus the control margin."""
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        return self.max_num_seqs + self.max_waiting + RPC_MARGIN
 
     @property
     def model_id(self) -> str:
@@ -144,5 +206,37 @@ CLI = Cli(
 def parse_settings(
     argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
-    """Settings from the command line and the environment (os.environ unless given)."""
-    return CLI.parse(argv, env)
+    """Settings from the command line and the environment (os.environ unless given); a bad
+    TLS/token file combination is a usage error (status 2), not a traceback at bind time."""
+    settings = CLI.parse(argv, env)
+    problem = security_problem(settings)
+    if problem:
+        CLI.parser().error(problem)
+    return settings
+
+
+def security_problem(s: Settings) -> str | None:
+    """What is wrong with the TLS and token files, if anything.
+
+    Checked here rather than in ``__post_init__``: it needs both flags of a pair and reads
+    files, while the dataclass validates each value on its own.
+    """
+    if (s.tls_cert is None) != (s.tls_key is None):
+        return "--tls-cert and --tls-key go together"
+    if s.tls_client_ca and not s.tls_cert:
+        return "--tls-client-ca needs --tls-cert and --tls-key"
+    for flag, path in (
+        ("--tls-cert", s.tls_cert),
+        ("--tls-key", s.tls_key),
+        ("--tls-client-ca", s.tls_client_ca),
+        ("--auth-token-file", s.auth_token_file),
+    ):
+        if path is None:
+            continue
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            return f"{flag}: cannot read {path}: {err.strerror}"
+        if not data.strip():
+            return f"{flag}: {path} is empty"
+    return None
