@@ -19,7 +19,12 @@ from http_bridge.backend import Backend
 from http_bridge.errors import APIError, http_error, validation_error
 from http_bridge.limits import Limiter, LimitsMiddleware
 from http_bridge.metrics import BridgeMetrics, MetricsMiddleware
-from http_bridge.middleware import ApiKeyMiddleware, ContentLengthGuard, too_large
+from http_bridge.middleware import (
+    ApiKeyMiddleware,
+    ContentLengthGuard,
+    SecurityHeadersMiddleware,
+    too_large,
+)
 from http_bridge.protocol import ChatCompletionRequest
 from http_bridge.routes import chat, health, metrics, models
 from http_bridge.settings import Settings
@@ -68,8 +73,9 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
 
     _add_error_handlers(app, settings)
 
-    # add_middleware wraps: the last added runs first. Order on the way in:
-    # metrics → CORS (answers preflights, decorates errors) → API key → limits → body size.
+    # add_middleware wraps: the last added runs first. Order on the way in: security headers
+    # (on every answer, errors included) → metrics → CORS (answers preflights, decorates
+    # errors) → API key → limits → body size.
     app.add_middleware(ContentLengthGuard, max_bytes=settings.max_request_bytes)
     if limiter.enabled:
         app.add_middleware(LimitsMiddleware, limiter=limiter, keyed=bool(settings.api_keys))
@@ -86,6 +92,7 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
     flat_routes = [r for m in (chat, models, health, metrics) for r in m.router.routes]
     flat_routes += [r for r in app.router.routes if hasattr(r, "path_regex")]
     app.add_middleware(MetricsMiddleware, metrics=bridge_metrics, routes=flat_routes)
+    app.add_middleware(SecurityHeadersMiddleware)
     return app
 
 

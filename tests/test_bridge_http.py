@@ -256,3 +256,17 @@ def test_openapi_schema_builds(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"]
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
+
+
+def test_every_answer_carries_the_security_headers(keyed: TestClient) -> None:
+    """The real app wraps everything in SecurityHeadersMiddleware: the page, the API and the
+    answers that middleware gives before a route runs (401 here)."""
+    for method, path, headers in (
+        ("get", "/", {}),
+        ("get", "/health", {}),
+        ("get", "/v1/models", {}),  # 401: the key middleware answers
+        ("get", "/v1/models", AUTH),  # 503: the backend is absent
+    ):
+        r = getattr(keyed, method)(path, headers=headers)
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"], path
+        assert r.headers["x-content-type-options"] == "nosniff", path
