@@ -72,6 +72,3 @@ class PrefixIndex(Generic[V]):
                 self._on_evict(value)
             dropped += 1
         return dropped
-
-    def clear(self) -> None:
-        self.evict(len(self._blocks))

@@ -223,11 +223,6 @@ class Engine:
     def _stream_ended(self, stream: RequestStream) -> None:
         self._streams.pop(id(stream), None)
 
-    @property
-    def num_in_flight(self) -> int:
-        """Streams not yet ended (event-loop state)."""
-        return len(self._streams)
-
     async def _watch(self) -> None:
         interval = min(1.0, self.config.step_timeout / 4)
         while not self._stop:
