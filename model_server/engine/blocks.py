@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -38,9 +38,8 @@ def chain_hashes(
 class PrefixIndex(Generic[V]):
     """Chain hash → cached block, in least-recently-used order."""
 
-    def __init__(self, on_evict: Callable[[V], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._blocks: OrderedDict[bytes, V] = OrderedDict()
-        self._on_evict = on_evict
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -67,8 +66,6 @@ class PrefixIndex(Generic[V]):
         """Drops up to ``count`` least-recently-used blocks; returns how many went."""
         dropped = 0
         while dropped < count and self._blocks:
-            _, value = self._blocks.popitem(last=False)
-            if self._on_evict is not None:
-                self._on_evict(value)
+            self._blocks.popitem(last=False)  # the block's tensor is freed with it
             dropped += 1
         return dropped
