@@ -38,6 +38,8 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
     """Build the bridge. The backend channel opens in the lifespan, so no backend is needed
     to start, and the app answers 503 until one is SERVING."""
     settings = settings or Settings()
+    if settings.metrics_require_key and not settings.api_keys:  # it would protect nothing
+        raise ValueError("--metrics-require-key needs at least one --api-key")
     backend = Backend(settings)  # validates --backend targets now, not at first request
     limiter = Limiter(  # and the rates
         settings.rate_limit, settings.token_rate_limit, settings.max_concurrent_per_key
@@ -57,6 +59,9 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
         summary="OpenAI-compatible chat completions over glmserve's gRPC model servers.",
         version="0.1.0",
         lifespan=lifespan,
+        # The interactive pages are opt-in; the schema (with every bound) stays published.
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
     )
     app.state.settings = settings
     app.state.backend = backend
@@ -79,7 +84,8 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
     app.add_middleware(ContentLengthGuard, max_bytes=settings.max_request_bytes)
     if limiter.enabled:
         app.add_middleware(LimitsMiddleware, limiter=limiter, keyed=bool(settings.api_keys))
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    keyed_paths = frozenset({"/metrics"} if settings.metrics_require_key else ())
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, paths=keyed_paths)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

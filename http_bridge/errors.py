@@ -3,16 +3,23 @@
 Routes raise :class:`APIError`; the app's exception handlers (validation errors, unknown routes,
 oversize bodies, unexpected exceptions) and the SSE error chunk all end in :func:`error_body`,
 so clients see one shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+No internals reach clients: a failure that is the client's doing (bad field, unknown model, queue
+full) keeps its helpful message; a server-side one gets a generic message with the request id,
+and its details (status, backend details, target) go to the log under that id.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import grpc
 from fastapi.responses import JSONResponse
+
+log = logging.getLogger("http_bridge.errors")
 
 
 class GrpcMapping(NamedTuple):
@@ -31,6 +38,10 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, GrpcMapping] = {
     grpc.StatusCode.UNAVAILABLE: GrpcMapping(503, "server_error", "backend_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: GrpcMapping(504, "timeout_error", "timeout"),
     grpc.StatusCode.INTERNAL: GrpcMapping(500, "server_error", "internal_error"),
+    # The backend refused the bridge's own credentials (--backend-token-file, mTLS): our
+    # misconfiguration, not the client's, and no model server is usable until it is fixed.
+    grpc.StatusCode.UNAUTHENTICATED: GrpcMapping(503, "server_error", "backend_unavailable"),
+    grpc.StatusCode.PERMISSION_DENIED: GrpcMapping(503, "server_error", "backend_unavailable"),
 }
 # Any status not in the table (UNKNOWN, UNIMPLEMENTED, ...) is the bridge's or backend's fault.
 GRPC_FALLBACK = GrpcMapping(500, "server_error", "internal_error")
@@ -129,11 +140,20 @@ def param_from_grpc_message(message: str) -> str | None:
     return None
 
 
-def from_grpc(err: grpc.RpcError, *, generation_started: bool) -> APIError:
+def see_logs(what: str, request_id: str) -> str:
+    """The generic client message of a server-side failure: what failed and where to look."""
+    rid = f" (request id {request_id})" if request_id else ""
+    return f"{what}{rid}; see the server logs."
+
+
+def from_grpc(
+    err: grpc.RpcError, *, generation_started: bool, request_id: str = "", target: str = ""
+) -> APIError:
     """Map a failed RPC through THE table.
 
     ``generation_started``: the backend already sent a response for this request, so a retry
-    could generate twice even if the status alone (UNAVAILABLE) would say otherwise.
+    could generate twice even if the status alone (UNAVAILABLE) would say otherwise. Server-side
+    statuses are logged with ``request_id`` and ``target`` and answered without their details.
     """
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or ""
@@ -148,16 +168,26 @@ def from_grpc(err: grpc.RpcError, *, generation_started: bool) -> APIError:
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         message = f"The server is at capacity; retry later. ({details})"
     elif code == grpc.StatusCode.UNAVAILABLE:
-        message = f"No model server is available right now. ({details})"
+        message = see_logs("No model server is available right now; retry later", request_id)
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        message = "The request took longer than the bridge's --request-timeout."
+        message = see_logs("The request took longer than the bridge's timeout", request_id)
+    elif mapping.code == "backend_unavailable":
+        message = see_logs("The bridge is not allowed to use the model server", request_id)
     else:
-        message = f"Model server error ({code.name}): {details}"
+        message = see_logs("The model server failed to process the request", request_id)
     retry_safe: bool | None
     if mapping.http_status < 500 and mapping.http_status != 429:
         retry_safe = None
     else:
         retry_safe = code in _RETRY_SAFE and not generation_started
+    if mapping.http_status >= 500:
+        log.warning(
+            "backend call failed: request_id=%s status=%s target=%s details=%r",
+            request_id or "-",
+            code.name,
+            target or "-",
+            details,
+        )
     return APIError(
         mapping.http_status,
         message,

@@ -22,12 +22,20 @@ from http_bridge.errors import APIError
 
 
 class ApiKeyMiddleware:
-    """Every ``/v1`` request needs ``Authorization: Bearer <key>`` when keys are configured."""
+    """Every ``/v1`` request (and any of ``paths``, e.g. ``/metrics``) needs
+    ``Authorization: Bearer <key>`` when keys are configured."""
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], prefix: str = "/v1") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: tuple[str, ...],
+        prefix: str = "/v1",
+        paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
         self.prefix = prefix
+        self.paths = paths
 
     def _valid(self, presented: bytes) -> bool:
         # compare_digest against every key, without an early exit, so timing reveals nothing.
@@ -42,7 +50,7 @@ class ApiKeyMiddleware:
             scope["type"] != "http"
             or not self.keys
             or scope.get("method") == "OPTIONS"  # CORS preflights carry no credentials
-            or not (path == self.prefix or path.startswith(self.prefix + "/"))
+            or not (path == self.prefix or path.startswith(self.prefix + "/") or path in self.paths)
         ):
             await self.app(scope, receive, send)
             return

@@ -131,6 +131,25 @@ class Settings:
         env="GLMSERVE_NO_UI",
         help="do not serve the chat page (`/`, `/static/*`)",
     )
+    health_details: bool = setting(
+        False,
+        flag="--health-details",
+        env="GLMSERVE_HEALTH_DETAILS",
+        help="`/health` also lists the backend targets (for operators); by default it answers "
+        'only `{"status": ...}`',
+    )
+    metrics_require_key: bool = setting(
+        False,
+        flag="--metrics-require-key",
+        env="GLMSERVE_METRICS_REQUIRE_KEY",
+        help="`/metrics` needs an `--api-key` too (Prometheus: `authorization` bearer token)",
+    )
+    api_docs: bool = setting(
+        False,
+        flag="--api-docs",
+        env="GLMSERVE_API_DOCS",
+        help="serve the interactive API docs (`/docs`, `/redoc`); `/openapi.json` is always served",
+    )
     # grpc.health.v1 service name the client-side health checks watch ("" = whole server).
     health_service: str = ""
     # HTTP/2 keepalive ping interval towards the backends, seconds (0 disables).

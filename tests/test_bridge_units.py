@@ -52,6 +52,9 @@ def test_status_table_is_the_issue_table() -> None:
         "UNAVAILABLE": 503,
         "DEADLINE_EXCEEDED": 504,
         "INTERNAL": 500,
+        # The backend refused the bridge's own credentials: our misconfiguration, not a 4xx.
+        "UNAUTHENTICATED": 503,
+        "PERMISSION_DENIED": 503,
     }
 
 
@@ -67,6 +70,7 @@ def test_status_table_is_the_issue_table() -> None:
         (grpc.StatusCode.DEADLINE_EXCEEDED, False, 504, "false"),
         (grpc.StatusCode.INTERNAL, False, 500, "false"),
         (grpc.StatusCode.UNKNOWN, False, 500, "false"),
+        (grpc.StatusCode.UNAUTHENTICATED, False, 503, "false"),
     ],
 )
 def test_from_grpc(code: grpc.StatusCode, started: bool, status: int, retry_header: str) -> None:

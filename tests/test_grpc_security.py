@@ -261,14 +261,15 @@ def test_token(tiny_model_dir: Path, token_file: Path) -> None:
         assert out.returncode == 0 and "glmserve.v1.ChatService" in out.stdout, out.stderr
         assert grpcurl("-plaintext", server.target, "list").returncode != 0
         chat_through_bridge(server, "--backend-token-file", str(token_file))
-        # A bridge without the token is misconfigured, not its caller: 500. Health (open) still
-        # lets its channel see the server up.
+        # A bridge without the token is misconfigured, not its caller: 503 backend_unavailable.
+        # Health (open) still lets its channel see the server up.
         with start_bridge("--backend", server.target) as bridge:
             client = openai.OpenAI(base_url=bridge.url + "/v1", api_key="unused", max_retries=0)
-            with pytest.raises(openai.InternalServerError):
+            with pytest.raises(openai.InternalServerError) as refused:
                 client.chat.completions.create(
                     model="tiny-llama", messages=[{"role": "user", "content": "Hi!"}]
                 )
+            assert refused.value.status_code == 503 and refused.value.code == "backend_unavailable"
 
 
 def test_no_reflection(tiny_model_dir: Path) -> None:

@@ -33,6 +33,8 @@ def samples(d: Declared) -> tuple[str, Any, list[str], Any]:
         return env, env, [flag, given], given
     if d.negated:  # --no-ui: the flag can only turn it off, so it must win over a "0"
         return "1", False, [flag], False
+    if d.kind == "bool" and not d.default:  # opt-in (--api-docs): the --no- form must win
+        return "yes", True, ["--no-" + flag.removeprefix("--")], False
     if d.kind == "bool":
         return "no", False, [flag], True
     if d.kind == "list":

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from glmserve.v1 import chat_pb2
 from http_bridge.backend import Backend
-from http_bridge.errors import APIError, error_body, from_grpc
+from http_bridge.errors import APIError, error_body, from_grpc, see_logs
 from http_bridge.limits import Lease, lease_of
 from http_bridge.metrics import START_KEY, BridgeMetrics
 from http_bridge.protocol import (
@@ -179,7 +179,8 @@ class ChoiceCalls:
     lease: Lease | None = None  # per-key limits: each finished choice charges its tokens
     started: bool = False  # some backend answered: a retry could generate twice
     first_text_at: float | None = None
-    finished: list[bool] = field(default_factory=list)
+    request_id: str = ""  # names the failure in the client's message and in the log
+    target: str = ""  # the backend target, for the log only
 
     def cancel(self) -> None:
         for call in self.calls:
@@ -206,14 +207,16 @@ class ChoiceCalls:
             return err
         if isinstance(err, grpc.aio.AioRpcError):
             self.metrics.backend_rpc_errors.labels(err.code().name).inc()
-            api_error = from_grpc(err, generation_started=self.started)
+            api_error = from_grpc(
+                err, generation_started=self.started, request_id=self.request_id, target=self.target
+            )
             if self.used_max_completion_tokens and api_error.param == "max_tokens":
                 api_error.param = "max_completion_tokens"
             return api_error
-        log.exception("unexpected error in a chat stream", exc_info=err)
+        log.exception("unexpected error in chat request %s", self.request_id, exc_info=err)
         return APIError(
             500,
-            f"internal error in the HTTP bridge: {type(err).__name__}",
+            see_logs("Internal error in the HTTP bridge", self.request_id),
             type="server_error",
             code="internal_error",
             retry_safe=False,
@@ -291,6 +294,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         stream=bool(body.stream),
         used_max_completion_tokens=body.max_completion_tokens is not None,
         lease=lease_of(request.scope),
+        request_id=request_id,
+        target=backend.target,
     )
     headers = {"x-request-id": request_id}
     try:
