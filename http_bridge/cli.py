@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Mapping, Sequence
 
+import uvicorn
+
 from glmserve.logs import setup_logging
+from http_bridge.drain import GRACE_SECONDS, Drain
 from http_bridge.settings import CLI, Settings
 
 log = logging.getLogger("http_bridge")
+
+# The kernel send buffer of each connection (Linux doubles it; autotuning would otherwise let it
+# grow to megabytes): with uvicorn's 64 KiB write buffer, what a client that stops reading can
+# hold up before the bridge's writes wait, and --stream-write-timeout starts to count.
+SEND_BUFFER_BYTES = 64 * 1024
 
 
 def parse_settings(
@@ -21,8 +30,6 @@ def parse_settings(
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     setup_logging(settings.log_level, settings.log_format)
-    import uvicorn
-
     from http_bridge.app import create_app
 
     try:
@@ -40,14 +47,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     # Our own structured lines replace uvicorn's access log (http_bridge.access); uvicorn's
     # own loggers go through the same handler and stay at warning unless --log-level debug.
-    uvicorn.run(
+    # Streams get --drain-seconds (then the Drain ends them in-band), uvicorn a little more.
+    drain = Drain()
+    app.state.drain = drain
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=settings.drain_seconds,
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=settings.drain_seconds + GRACE_SECONDS,
     )
+    sock = config.bind_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)  # accepted ones inherit
+    server = _DrainingServer(config, drain, settings.drain_seconds)
+    server.run(sockets=[sock])
+    if not server.started:  # e.g. the port is taken; uvicorn.run exits the same way
+        raise SystemExit(3)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, arming the drain deadline as its graceful shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, seconds: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.drain_seconds = seconds
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.drain.start(self.drain_seconds)
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,30 @@ class Settings:
         30.0,
         flag="--drain-seconds",
         env="GLMSERVE_BRIDGE_DRAIN_SECONDS",
-        help="on SIGTERM, how long open requests (streams) may finish",
+        help="on SIGTERM, how long open requests (streams) may finish; streams still open then "
+        "get an error chunk and `data: [DONE]`",
+    )
+    stream_write_timeout: float = setting(
+        60.0,
+        flag="--stream-write-timeout",
+        env="GLMSERVE_STREAM_WRITE_TIMEOUT",
+        help="seconds a stream may wait for a client that does not read (its socket buffers "
+        "full); then the connection is closed and the generation cancelled",
+    )
+    backend_idle_timeout: float = setting(
+        60.0,
+        flag="--backend-idle-timeout",
+        env="GLMSERVE_BACKEND_IDLE_TIMEOUT",
+        help="seconds without a message from the model server (queueing included) before the "
+        "call is cancelled: 504, or an error chunk if the stream had started",
+    )
+    max_connections: int | None = setting(
+        None,
+        flag="--max-connections",
+        env="GLMSERVE_MAX_CONNECTIONS",
+        metavar="N",
+        help="open HTTP connections (or requests) at most; beyond it uvicorn answers a plain "
+        "503 (`limit_concurrency`)",
     )
     log_level: str = log_level_setting(
         "`debug`, `info`, `warning`, `error`; info: one structured line per `/v1` request "
@@ -180,6 +203,12 @@ class Settings:
             raise ValueError("--port must be in 1..65535")
         if self.max_concurrent_per_key is not None and self.max_concurrent_per_key < 1:
             raise ValueError("--max-concurrent-per-key must be >= 1")
+        if self.stream_write_timeout <= 0:
+            raise ValueError("--stream-write-timeout must be > 0")
+        if self.backend_idle_timeout <= 0:
+            raise ValueError("--backend-idle-timeout must be > 0")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("--max-connections must be >= 1")
 
 
 CLI = Cli(

@@ -4,6 +4,11 @@ Errors that happen before the first token (bad field, unknown model, queue full,
 deadline) are real HTTP statuses: for a stream the route waits for every choice's first message
 before it sends the 200 headers. After that, a failure becomes an SSE error chunk followed by
 ``data: [DONE]``. The client going away cancels the RPCs (and so the generation on the server).
+
+Streams under stress: each choice reads at most :data:`STREAM_BUFFER` messages ahead of the
+client, so a slow reader stops the reads and grpc's HTTP/2 flow control holds the model server
+back; a client that reads nothing for ``--stream-write-timeout`` is cut, a backend that sends
+nothing for ``--backend-idle-timeout`` is abandoned, and the drain deadline ends streams in-band.
 """
 
 from __future__ import annotations
@@ -15,17 +20,18 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from glmserve.v1 import chat_pb2
 from http_bridge.backend import Backend
+from http_bridge.drain import Drain
 from http_bridge.errors import APIError, error_body, from_grpc, see_logs
 from http_bridge.limits import Lease, lease_of
 from http_bridge.metrics import START_KEY, BridgeMetrics
@@ -63,6 +69,9 @@ SAMPLING_EPS = 1e-5
 # The model server's gRPC receive limit (grpc's default): a larger ChatRequest never arrives, and
 # grpc would report it as RESOURCE_EXHAUSTED, which reads as a retryable 429.
 MAX_GRPC_REQUEST_BYTES = 4 * 1024 * 1024
+# Messages per choice read from the backend ahead of the client (a few KiB): the bound of the
+# bridge's buffering per stream, and small enough that a stalled client stalls the reads.
+STREAM_BUFFER = 8
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -175,6 +184,7 @@ class ChoiceCalls:
     metrics: BridgeMetrics
     arrived: float
     stream: bool
+    idle_timeout: float | None = None  # --backend-idle-timeout, per read
     used_max_completion_tokens: bool = False
     lease: Lease | None = None  # per-key limits: each finished choice charges its tokens
     started: bool = False  # some backend answered: a retry could generate twice
@@ -187,8 +197,21 @@ class ChoiceCalls:
             call.cancel()
 
     async def read(self, i: int) -> chat_pb2.ChatResponse | None:
-        """The next message of choice ``i``; None at the end of its stream."""
-        msg = await self.calls[i].read()
+        """The next message of choice ``i``; None at the end of its stream.
+
+        A backend silent for ``idle_timeout`` (frozen, or its host gone without a reset) is a
+        504; the timeout cancels the read, and grpc cancels the call with it."""
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                msg = await self.calls[i].read()
+        except TimeoutError:
+            raise APIError(
+                504,
+                f"The model server sent nothing for {self.idle_timeout:g} s.",
+                type="timeout_error",
+                code="backend_timeout",
+                retry_safe=not self.started,
+            ) from None
         if msg is grpc.aio.EOF:
             return None
         self.started = True
@@ -292,6 +315,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         metrics,
         arrived=request.scope.get(START_KEY, time.perf_counter()),
         stream=bool(body.stream),
+        idle_timeout=request.app.state.settings.backend_idle_timeout,
         used_max_completion_tokens=body.max_completion_tokens is not None,
         lease=lease_of(request.scope),
         request_id=request_id,
@@ -323,8 +347,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             model=model,
             include_usage=body.include_usage,
             request_id=request_id,
+            drain=getattr(request.app.state, "drain", None) or Drain(),
         )
-        return SSEResponse(stream.events(), headers=headers)
+        write_timeout = request.app.state.settings.stream_write_timeout
+        return SSEResponse(stream.events(), headers, write_timeout, request_id)
 
     choices = []
     prompt_tokens = completion_tokens = 0
@@ -352,22 +378,50 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
 
-class SSEResponse(EventSourceResponse):
-    """FastAPI's SSE response, plus a guaranteed close of the event generator.
+class WriteTimeout(Exception):
+    """A chunk could not be handed to the client's connection within --stream-write-timeout."""
 
-    Starlette cancels the response when the client disconnects; closing the generator here runs
-    its ``finally`` (cancel the RPCs) even if the cancel landed outside the generator's frame.
+
+class SSEResponse(EventSourceResponse):
+    """FastAPI's SSE response, plus a write timeout and a guaranteed close of the generator.
+
+    uvicorn's ``send`` waits while the connection's write buffer is full (the client is not
+    reading); past ``write_timeout`` the response gives up, and uvicorn closes the connection of
+    a response that returns unfinished. Starlette cancels the response when the client
+    disconnects; closing the generator here runs its ``finally`` (cancel the RPCs) even if the
+    cancel landed outside the generator's frame.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        headers: dict[str, str],
+        write_timeout: float,
+        request_id: str,
+    ) -> None:
         super().__init__(
             content, headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
         )
         self._events = content
+        self._write_timeout = write_timeout
+        self._request_id = request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def timed_send(message: Message) -> None:
+            try:
+                async with asyncio.timeout(self._write_timeout):
+                    await send(message)
+            except TimeoutError:
+                raise WriteTimeout() from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, timed_send)
+        except WriteTimeout:
+            log.warning(
+                "stream %s: the client read nothing for %g s; closing it",
+                self._request_id,
+                self._write_timeout,
+            )
         finally:
             aclose = getattr(self._events, "aclose", None)
             if aclose is not None:
@@ -386,6 +440,7 @@ class ChatStream:
     model: str
     include_usage: bool
     request_id: str
+    drain: Drain = field(default_factory=Drain)  # the CLI's; in-process tests never drain
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(
@@ -398,11 +453,13 @@ class ChatStream:
         data = chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
         return format_sse_event(data_str=data)
 
-    async def _pump(self, i: int, queue: asyncio.Queue) -> None:
-        """Forward choice i's messages (already-read first one included) to the merge queue."""
+    async def _pump(self, i: int, queue: asyncio.Queue, room: asyncio.Semaphore) -> None:
+        """Forward choice i's messages (already-read first one included) to the merge queue,
+        no more than ``room`` ahead of the consumer: the reads wait for the client."""
         msg: chat_pb2.ChatResponse | None = self.firsts[i]
         try:
             while msg is not None:
+                await room.acquire()
                 queue.put_nowait((i, msg))
                 msg = await self.calls.read(i)
             queue.put_nowait((i, None))
@@ -413,11 +470,18 @@ class ChatStream:
 
     async def events(self) -> AsyncIterator[bytes]:
         n = len(self.calls.calls)
+        # Unbounded only for the few end/error items; messages are bounded by the rooms.
         queue: asyncio.Queue = asyncio.Queue()
-        pumps = [asyncio.ensure_future(self._pump(i, queue)) for i in range(n)]
+        rooms = [asyncio.Semaphore(STREAM_BUFFER) for _ in range(n)]
+        pumps = [asyncio.ensure_future(self._pump(i, queue, rooms[i])) for i in range(n)]
         self.metrics.streams_in_flight.inc()
         finished = [False] * n
         prompt_tokens = completion_tokens = 0
+
+        def stop() -> None:
+            queue.put_nowait((0, _shutting_down()))
+
+        self.drain.add(stop)
         try:
             for i in range(n):
                 yield self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
@@ -436,6 +500,7 @@ class ChatStream:
                     continue
                 if isinstance(item, BaseException):
                     raise item
+                rooms[i].release()
                 if item.text:
                     yield self._chunk([ChunkChoice(index=i, delta=Delta(content=item.text))])
                 if item.finish_reason in _FINISH:
@@ -469,7 +534,18 @@ class ChatStream:
             yield format_sse_event(data_str=json.dumps(payload))
             yield _DONE
         finally:
+            self.drain.discard(stop)
             for pump in pumps:
                 pump.cancel()
             self.calls.cancel()
             self.metrics.streams_in_flight.dec()
+
+
+def _shutting_down() -> APIError:
+    return APIError(
+        503,
+        "The HTTP bridge is shutting down and its drain time ran out; the reply is incomplete.",
+        type="server_error",
+        code="server_shutting_down",
+        retry_safe=False,
+    )
