@@ -339,7 +339,7 @@ def test_error_chunk_when_the_backend_dies_mid_stream(tiny_model_dir: Path) -> N
 def test_error_chunk_at_the_deadline(server: Proc, model_id: str) -> None:
     """A deadline passing mid-stream is an error chunk too (or a 504, on a very slow machine)."""
     with (
-        start_bridge("--backend", server.target, "--no-ui", "--request-timeout", "1") as b,
+        start_bridge("--backend", server.target, "--no-ui", "--request-timeout", "0.25") as b,
         httpx.Client(base_url=b.url, timeout=60) as http,
         http.stream(
             "POST", CHAT, json={"model": model_id, "messages": HI, "stream": True, **LONG}
