@@ -677,7 +677,7 @@ def run_scenario(name: str, opts: Options) -> dict[str, Any]:
             result = asyncio.run(
                 asyncio.wait_for(_run_one(name, stack, opts, server_args), opts.time_box_s + 300)
             )
-    except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - record and go on
+    except (TimeoutError, Exception) as exc:  # noqa: BLE001 - record and go on
         result = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         log(f"  scenario {name} failed: {result['error'][:300]}")
     result["elapsed_s"] = time.perf_counter() - t0

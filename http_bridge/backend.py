@@ -18,7 +18,6 @@ the routes handle as grpc makes them.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -248,7 +247,7 @@ class Backend:
                 metadata=self._metadata() or None,
                 wait_for_ready=False,
             )
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as err:
+        except (TimeoutError, grpc.aio.AioRpcError) as err:
             log.debug("health check failed: %s", err)
             return False
         return response.status == health_pb2.HealthCheckResponse.SERVING

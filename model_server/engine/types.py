@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # end-of-sequence or a stop string
     LENGTH = "length"  # max_tokens or the context window
     ABORTED = "aborted"  # the caller went away (never sent to a client)

@@ -132,16 +132,17 @@ def _content_spans(
     spans: list[tuple[int, int]] = []
     rebuilt: list[str] = []
     rest = skeleton
+    start = 0
     for marker, content in zip(markers, contents, strict=True):
         head, found, rest = rest.partition(marker)
-        if not found or marker in rest:
+        if not found or _MARKER in head:  # missing, out of order or repeated: not verbatim
             return None
-        rebuilt.append(head)
-        start = sum(map(len, rebuilt))
+        start += len(head)
         spans.append((start, start + len(content)))
-        rebuilt.append(content)
+        start += len(content)
+        rebuilt += (head, content)
     rebuilt.append(rest)
-    return spans if "".join(rebuilt) == text else None
+    return spans if _MARKER not in rest and "".join(rebuilt) == text else None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
