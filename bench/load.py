@@ -20,12 +20,14 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from openai import AsyncOpenAI
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
+
+if TYPE_CHECKING:  # the gRPC path runs where the openai SDK is not installed (bench.gpu)
+    from openai import AsyncOpenAI
 
 
 @dataclass

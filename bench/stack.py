@@ -87,9 +87,12 @@ def _serving(target: str) -> bool:
 class Stack:
     """A model server (with metrics) and a bridge in front of it."""
 
-    def __init__(self, model: str | None = None, server_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, model: str | None = None, server_args: tuple[str, ...] = (), bridge: bool = True
+    ) -> None:
         self.model = model
         self.server_args = server_args
+        self.with_bridge = bridge
         self.server: Process | None = None
         self.bridge: Process | None = None
         self.grpc_port = free_port()
@@ -106,8 +109,12 @@ class Stack:
         return f"http://127.0.0.1:{self.http_port}/v1"
 
     def start(self, timeout: float = 600.0) -> None:
-        """Starts both processes and waits until health is SERVING and the bridge answers."""
-        cmd = [str(BIN / "model-server"), "--port", str(self.grpc_port)]
+        """Starts both processes (the bridge unless ``bridge=False``) and waits until health is
+        SERVING and the bridge answers."""
+        script = BIN / "model-server"
+        # Not installed (a checkout run with PYTHONPATH, as on a device machine): the module.
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "model_server.cli"]
+        cmd += ["--port", str(self.grpc_port)]
         cmd += ["--metrics-port", str(self.metrics_port), *self.server_args]
         if self.model:
             cmd += ["--model", self.model]
@@ -121,6 +128,8 @@ class Stack:
                 raise self.server.fail(f"not SERVING after {timeout:.0f}s")
             time.sleep(0.25)
         self.load_seconds = time.perf_counter() - t0
+        if not self.with_bridge:
+            return
         bridge_cmd = [str(BIN / "http-bridge"), "--port", str(self.http_port)]
         bridge_cmd += ["--backend", self.grpc_target, "--no-ui", "--log-level", "warning"]
         self.bridge = Process("http-bridge", bridge_cmd, self.http_port)

@@ -1,0 +1,156 @@
+"""``python -m bench.gpu``: the model server on a GPU against the HBM bound (issue 9).
+
+Writes a ChatGLM2-6B-shaped checkpoint with random fp16 weights (``bench/chatglm2_load_memory``;
+or serves ``--model DIR``), starts the real ``model-server`` on CUDA (no bridge: this measures
+the engine through gRPC), and drives ``glmserve.v1 ChatService.Chat`` at each concurrency with
+fixed-length greedy replies. The bound for a decode step of B rows is reading every weight
+once: ``B * bandwidth / weight_bytes`` tok/s, with the bandwidth measured here (a device copy,
+bytes read + written). Prints a table and one JSON line; ``--json FILE`` also writes it.
+
+    python -m bench.gpu [--dir /tmp/glm6b] [--levels 1,16,64] [--max-tokens 128] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from glmserve.v1 import chat_pb2_grpc
+
+from .load import grpc_request_fn, run_level, summarize
+from .prompts import prompts
+from .stack import Stack
+
+
+def log(msg: str) -> None:
+    print(f"[bench.gpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bandwidth_bytes_per_s(gib: float = 2.0) -> float:
+    """Device-to-device copy rate, counting bytes read and written (best of 5)."""
+    import torch
+
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / best
+
+
+def gpu_memory_mib(pid: int) -> int | None:
+    """GPU memory nvidia-smi attributes to ``pid`` (None when it cannot tell)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid):
+            return int(parts[1])
+    return None
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the checkpoint's weights (index total_size, else the files' sizes)."""
+    index = model_dir / "pytorch_model.bin.index.json"
+    if index.exists():
+        return int(json.loads(index.read_text())["metadata"]["total_size"])
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+
+
+async def drive(target: str, levels: list[int], max_tokens: int) -> list[dict[str, Any]]:
+    rows = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        send = grpc_request_fn(chat_pb2_grpc.ChatServiceStub(channel), "", max_tokens)
+        await run_level(send, prompts(2), 1)  # warm-up: allocator, kernels
+        for c in levels:
+            results, wall = await run_level(send, prompts(max(2 * c, 4)), c, ramp=0.5)
+            rows.append(summarize(f"grpc c={c}", "grpc", c, results, wall))
+            log(f"c={c}: {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="serve this checkpoint instead of writing one")
+    p.add_argument("--dir", type=Path, default=Path("/tmp/glmserve-chatglm2-6b-random"))
+    p.add_argument("--levels", default="1,16,64")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--server-arg", action="append", default=[], help="extra model-server flag")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench.gpu needs a CUDA device")
+    gpu = torch.cuda.get_device_name(0)
+    bw = bandwidth_bytes_per_s()
+    log(f"{gpu}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    model_dir = args.model
+    if model_dir is None:
+        from .chatglm2_load_memory import write_checkpoint
+
+        model_dir = args.dir
+        if not (model_dir / "config.json").exists():
+            t0 = time.perf_counter()
+            write_checkpoint(model_dir)
+            log(f"wrote {model_dir} in {time.perf_counter() - t0:.0f} s")
+    wbytes = weight_bytes(model_dir)
+    server_args = ("--device", "cuda", "--max-num-seqs", str(max(levels)), *args.server_arg)
+    with Stack(str(model_dir), server_args=server_args, bridge=False) as stack:
+        log(f"model server SERVING after {stack.load_seconds:.0f} s")
+        mem = gpu_memory_mib(stack.server.pid)  # type: ignore[union-attr]
+        rows = asyncio.run(drive(stack.grpc_target, levels, args.max_tokens))
+        mem_after = gpu_memory_mib(stack.server.pid)  # type: ignore[union-attr]
+    for row in rows:
+        row["hbm_bound_tok_s"] = row["concurrency"] * bw / wbytes
+        row["of_bound"] = row["tok_s"] / row["hbm_bound_tok_s"]
+    print(f"\n{gpu}, {wbytes / 2**30:.1f} GiB weights, copy {bw / 1e12:.2f} TB/s")
+    head = ("streams", "tok/s", "bound", "of bound", "ttft p50", "itl p50")
+    print("{:>7} {:>8} {:>8} {:>8} {:>9} {:>8}".format(*head))
+    for r in rows:
+        print(
+            f"{r['concurrency']:>7} {r['tok_s']:8.1f} {r['hbm_bound_tok_s']:8.0f} "
+            f"{r['of_bound']:8.1%} {r['ttft_p50'] or 0:9.3f} {r['itl_p50'] or 0:8.4f}"
+        )
+    result = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "weight_bytes": wbytes,
+        "copy_bandwidth_bytes_s": bw,
+        "load_s": stack.load_seconds,
+        "gpu_memory_mib_loaded": mem,
+        "gpu_memory_mib_after": mem_after,
+        "rows": rows,
+    }
+    print("JSON " + json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
