@@ -134,7 +134,9 @@ class ModelServer:
                 # torch and transformers are imported here, while health says NOT_SERVING.
                 from .models.registry import load_model, resolve_device
 
-                loaded = load_model(s.model, resolve_device(s.device), s.dtype, s.max_model_len)
+                loaded = load_model(
+                    s.model, resolve_device(s.device), s.dtype, s.max_model_len, s.quantize
+                )
                 loop.call_soon_threadsafe(done.set_result, loaded)
             except BaseException as exc:  # noqa: BLE001 - reported on the loop
                 loop.call_soon_threadsafe(done.set_exception, exc)
@@ -172,6 +174,7 @@ class ModelServer:
                     "architecture": loaded.architecture,
                     "device": str(loaded.device),
                     "dtype": str(loaded.dtype).removeprefix("torch."),
+                    "quantization": loaded.quantization or "none",
                     "max_model_len": loaded.max_model_len,
                     "kv_cache_tokens": engine.pool_tokens,
                     "kv_block_size": s.kv_block_size,

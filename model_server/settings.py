@@ -48,6 +48,15 @@ class Settings:
         env="GLMSERVE_DTYPE",
         help="`auto` (bf16/fp16 on CUDA, fp32 on CPU), `float32`, `float16`, `bfloat16`",
     )
+    quantize: str | None = setting(
+        None,
+        flag="--quantize",
+        env="GLMSERVE_QUANTIZE",
+        help="quantize a full-precision ChatGLM checkpoint's linears at load, for small GPUs "
+        "(int4/int8 checkpoints are detected by themselves)",
+        choices=("int4", "int8"),
+        default_text="off",
+    )
     max_model_len: int | None = setting(
         None,
         flag="--max-model-len",

@@ -209,8 +209,16 @@ def make_tiny_chatglm2(
     safetensors: bool = False,
     seed: int = 0,
     torch_dtype: str = "float16",
+    quantization_bit: int | None = None,
+    rope_ratio: float | None = None,
+    chatglm3: bool = False,
 ) -> Path:
-    """Write a tiny ChatGLM2 checkpoint into ``dir`` (created) and return ``dir``."""
+    """Write a tiny ChatGLM2 checkpoint into ``dir`` (created) and return ``dir``.
+
+    ``quantization_bit`` (4/8): the linears in the published int4/int8 layout (see
+    :func:`quantize_chatglm`). ``rope_ratio``: the -32k field. ``chatglm3``: ChatGLM3-6B's
+    name and tokenizer_config.json (its role tokens).
+    """
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     sp_model = train_tokenizer(seed=seed)
@@ -229,27 +237,98 @@ def make_tiny_chatglm2(
         padded_vocab_size=padded,
         torch_dtype=torch_dtype,
     )
+    if quantization_bit:
+        cfg["quantization_bit"] = quantization_bit
+    if rope_ratio is not None:
+        cfg["rope_ratio"] = rope_ratio
+    tokenizer_cfg: dict[str, object] = {
+        "name_or_path": "THUDM/chatglm2-6b",
+        "remove_space": False,
+        "do_lower_case": False,
+        "tokenizer_class": "ChatGLMTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+    }
+    if chatglm3:
+        cfg["_name_or_path"] = tokenizer_cfg["name_or_path"] = "THUDM/chatglm3-6b"
+        roles = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+        names = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", *roles)
+        tokenizer_cfg["added_tokens_decoder"] = {
+            str(n + i): {"content": t, "special": True} for i, t in enumerate(names)
+        }
     (dir / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     (dir / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "name_or_path": "THUDM/chatglm2-6b",
-                "remove_space": False,
-                "do_lower_case": False,
-                "tokenizer_class": "ChatGLMTokenizer",
-                "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
-            },
-            indent=2,
-        ),
-        encoding="utf-8",
+        json.dumps(tokenizer_cfg, indent=2), encoding="utf-8"
     )
     write_remote_code(dir)
 
     dtype = getattr(torch, torch_dtype)
     gen = torch.Generator().manual_seed(seed)
     state = {name: random_tensor(name, shape, gen, dtype) for name, shape in tensor_specs(cfg)}
+    if quantization_bit:
+        state = quantize_chatglm(state, quantization_bit)
     write_state(dir, state, shards=shards, safetensors=safetensors)
     return dir
+
+
+QUANTIZED_LINEARS = (
+    "self_attention.query_key_value.weight",
+    "self_attention.dense.weight",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_4h_to_h.weight",
+)
+
+
+def quantize_chatglm(state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """The original ``quantize()``, written from the format description (docs/chatglm2.md):
+    per output row ``scale = max|w| / (2^(bits-1) - 1)`` in fp16, ``q = round(w / scale)``
+    as int8; 4 bit packs column 2j into the high nibble and 2j+1 into the low one."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in state.items():
+        if not name.endswith(QUANTIZED_LINEARS):
+            out[name] = w
+            continue
+        w16 = w.to(torch.float16)
+        scale = (w16.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).to(torch.float16)
+        q = torch.round(w16 / scale[:, None]).to(torch.int8)
+        if bits == 4:
+            q = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)).to(torch.int8)
+        out[name] = q
+        out[name + "_scale"] = scale
+    return out
+
+
+def dequantize_chatglm(state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """The format's reference dequantization, in fp32: ``q * scale[row]`` for each pair."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name.endswith("_scale"):
+            continue
+        if name.endswith(QUANTIZED_LINEARS):
+            q = t
+            if bits == 4:
+                high = q >> 4
+                low = (q << 4) >> 4
+                q = torch.stack((high, low), dim=-1).reshape(q.shape[0], -1)
+            out[name] = q.float() * state[name + "_scale"].float()[:, None]
+        else:
+            out[name] = t.float()
+    return out
+
+
+def write_dequantized_reference(quantized: Path, dst: Path) -> Path:
+    """An fp32 copy of a quantized tiny checkpoint with the reference dequantization."""
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((quantized / "config.json").read_text(encoding="utf-8"))
+    bits = int(cfg.pop("quantization_bit"))
+    cfg["torch_dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (dst / name).write_bytes((quantized / name).read_bytes())
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(quantized.glob("pytorch_model*.bin")):
+        state.update(torch.load(shard, weights_only=True))
+    write_state(dst, dequantize_chatglm(state, bits), shards=1, safetensors=False)
+    return dst
 
 
 def write_state(

@@ -285,10 +285,11 @@ def copy_fixture(src: Path, dst: Path, **config_changes) -> Path:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"quantization_bit": 4}, "quantization_bit"),
+        ({"quantization_bit": 3}, "quantization_bit"),
         ({"pre_seq_len": 128}, "pre_seq_len"),
         ({"kv_channels": None, "padded_vocab_size": None}, "ChatGLM-6B (v1)"),
-        ({"rope_ratio": 50}, "ChatGLM3"),
+        ({"rope_ratio": 0}, "rope_ratio"),
+        ({"_name_or_path": "THUDM/glm-4-9b-chat"}, "GLM-4"),
         ({"rmsnorm": False}, "rmsnorm"),
         ({"hidden_size": 96}, "shape"),
         ({"num_layers": 3}, "lacks"),

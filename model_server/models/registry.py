@@ -24,9 +24,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(
-    model: str, device: torch.device, dtype_name: str, max_model_len: int | None
+    model: str,
+    device: torch.device,
+    dtype_name: str,
+    max_model_len: int | None,
+    quantize: str | None = None,
 ) -> LoadedModel:
+    """``quantize`` (``int4``/``int8``): quantize a ChatGLM checkpoint's linears at load."""
     dtype = resolve_dtype(dtype_name, device)
+    bits = {None: None, "int4": 4, "int8": 8}[quantize]
+    if bits and (model == DEFAULT_MODEL or not _is_chatglm(Path(model).expanduser())):
+        raise ModelLoadError(
+            f"--quantize {quantize}: only ChatGLM checkpoints can be quantized at load "
+            f"(--model {model} is not one)"
+        )
     if model == DEFAULT_MODEL:
         return load_default(device, dtype, max_model_len)
     path = Path(model).expanduser()
@@ -43,10 +54,17 @@ def load_model(
         from .chatglm2 import load_chatglm2
 
         return load_chatglm2(
-            str(path), device, None if dtype_name == "auto" else dtype, max_model_len
+            str(path), device, None if dtype_name == "auto" else dtype, max_model_len, bits
         )
     _refuse_remote_code(config, model)
     return load_hf(str(path), device, dtype, max_model_len)
+
+
+def _is_chatglm(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "chatglm"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _refuse_remote_code(config: dict, model: str) -> None:

@@ -1,7 +1,9 @@
-"""Read a ChatGLM2 ``config.json`` and map it onto transformers' ``GlmConfig``.
+"""Read a ChatGLM ``config.json`` and map it onto transformers' ``GlmConfig``.
 
 transformers' native ``GlmForCausalLM`` computes exactly ChatGLM2's forward (see
 ``docs/chatglm2.md``), so we never need the checkpoint's own ``modeling_chatglm.py``.
+ChatGLM2-6B-32k and ChatGLM3-6B share the tensors and differ only in what ``rope_ratio``
+means, which depends on the family (told apart by the tokenizer: see ``family.py``).
 Everything the mapping cannot express is refused here, before any weight is read.
 """
 
@@ -10,13 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import GlmConfig
 
 from model_server.models.base import ModelLoadError
 
 CHATGLM_MODEL_TYPE = "chatglm"
+ROPE_BASE = 10000.0
+
+Family = Literal["chatglm2", "chatglm3"]
 
 # Fields a ChatGLM2 config must carry; ChatGLM-6B (v1) lacks most of them.
 _REQUIRED = (
@@ -66,6 +71,10 @@ class ChatGLM2Config:
     seq_length: int
     layernorm_epsilon: float
     rope_theta: float
+    # Positions are divided by this before the rotary angles (ChatGLM2-32k's interpolation).
+    position_scale: float
+    # 4 or 8 for the published int4/int8 checkpoints (their linears are quantized).
+    quantization_bit: int | None
     eos_token_id: int
     pad_token_id: int
     torch_dtype: str | None
@@ -77,8 +86,14 @@ class ChatGLM2Config:
         return self.num_attention_heads * d, self.num_kv_groups * d, self.num_kv_groups * d
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ChatGLM2Config:
-        """Validate a raw ChatGLM2 config; ModelLoadError names the first unsupported field."""
+    def from_dict(
+        cls, raw: dict[str, Any], source: str = "config.json", family: Family = "chatglm2"
+    ) -> ChatGLM2Config:
+        """Validate a raw ChatGLM config; ModelLoadError names the first unsupported field.
+
+        ``rope_ratio`` divides the positions in ChatGLM2 (-32k) and multiplies the rotary base
+        in ChatGLM3, so its meaning comes from ``family``.
+        """
         if raw.get("model_type") != CHATGLM_MODEL_TYPE:
             raise ModelLoadError(
                 f"{source}: model_type is {raw.get('model_type')!r}, not 'chatglm'"
@@ -89,17 +104,17 @@ class ChatGLM2Config:
                 f"{source}: not a ChatGLM2 config (missing {', '.join(missing)}); "
                 "ChatGLM-6B (v1) checkpoints are not supported"
             )
-        name = str(raw.get("_name_or_path") or raw.get("name_or_path") or "").lower()
-        if "rope_ratio" in raw or "chatglm3" in name or "glm-4" in name:
+        bits = raw.get("quantization_bit") or None
+        if bits not in (None, 4, 8):
             raise ModelLoadError(
-                f"{source}: this looks like ChatGLM3/GLM-4 (rope_ratio or name {name!r}); "
-                "only ChatGLM2 is supported natively"
+                f"{source}: quantization_bit={bits!r} is not supported (4 or 8 are)"
             )
-        if raw.get("quantization_bit"):
-            raise ModelLoadError(
-                f"{source}: quantization_bit={raw['quantization_bit']} is not supported; "
-                "use the unquantized fp16 checkpoint"
-            )
+        try:
+            rope_ratio = float(raw["rope_ratio"] if raw.get("rope_ratio") is not None else 1.0)
+        except (TypeError, ValueError):
+            rope_ratio = -1.0
+        if not rope_ratio > 0:
+            raise ModelLoadError(f"{source}: rope_ratio={raw.get('rope_ratio')!r} must be > 0")
         if raw.get("pre_seq_len") is not None:
             raise ModelLoadError(
                 f"{source}: pre_seq_len={raw['pre_seq_len']} (P-tuning prefix) is not supported"
@@ -139,7 +154,9 @@ class ChatGLM2Config:
             padded_vocab_size=int(raw["padded_vocab_size"]),
             seq_length=int(raw["seq_length"]),
             layernorm_epsilon=float(raw.get("layernorm_epsilon", 1e-5)),
-            rope_theta=10000.0,
+            rope_theta=ROPE_BASE * rope_ratio if family == "chatglm3" else ROPE_BASE,
+            position_scale=rope_ratio if family == "chatglm2" else 1.0,
+            quantization_bit=bits,
             eos_token_id=int(eos),
             pad_token_id=int(pad if pad is not None else 0),
             torch_dtype=raw.get("torch_dtype"),

@@ -1,7 +1,8 @@
-"""``load_chatglm2``: a ChatGLM2 folder → a ``LoadedModel`` on transformers' ``GlmForCausalLM``.
+"""``load_chatglm2``: a ChatGLM2/3 folder → a ``LoadedModel`` on transformers' ``GlmForCausalLM``.
 
-No file of the checkpoint other than ``config.json``, the weights and ``tokenizer.model`` is
-ever read; its ``*.py`` remote code is ignored and ``trust_remote_code`` is never passed.
+No file of the checkpoint other than ``config.json``, ``tokenizer_config.json`` (read as JSON,
+to tell ChatGLM3 from ChatGLM2), the weights and ``tokenizer.model`` is ever read; its
+``*.py`` remote code is ignored and ``trust_remote_code`` is never passed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from transformers import GlmForCausalLM
 from model_server.models.base import LoadedModel, ModelLoadError
 from model_server.models.chatglm2.chat_format import ChatGLM2ChatFormat
 from model_server.models.chatglm2.config import ChatGLM2Config, read_config_json
+from model_server.models.chatglm2.family import detect_family
 from model_server.models.chatglm2.tokenizer import ChatGLM2Tokenizer
-from model_server.models.chatglm2.weights import checkpoint_shards, load_weights
+from model_server.models.chatglm2.weights import checkpoint_shards, load_weights, quantize_linears
+from model_server.models.quant import QuantLinear
 
 # How the original chat samples and guards (see the spec's "Generation" section).
 DEFAULT_TEMPERATURE = 0.8
@@ -37,10 +40,15 @@ def build_empty_model(cfg: ChatGLM2Config) -> GlmForCausalLM:
     return model
 
 
-def _init_rotary(model: GlmForCausalLM, device: torch.device) -> None:
-    """Recompute the rotary ``inv_freq`` buffers (non-persistent, so not in any checkpoint)."""
+def _init_rotary(model: GlmForCausalLM, device: torch.device, position_scale: float) -> None:
+    """Recompute the rotary ``inv_freq`` buffers (non-persistent, so not in any checkpoint).
+
+    ChatGLM2-32k divides positions by ``rope_ratio``; angles are ``position * inv_freq``, so
+    dividing ``inv_freq`` instead gives the same rotation.
+    """
     rotary = model.model.rotary_emb
     inv_freq, _ = rotary.compute_default_rope_parameters(model.config, device=device)
+    inv_freq = inv_freq / position_scale
     rotary.inv_freq = inv_freq
     rotary.original_inv_freq = inv_freq.clone()
 
@@ -50,15 +58,26 @@ def load_chatglm2(
     device: torch.device,
     dtype: torch.dtype | None,
     max_model_len: int | None,
+    quantize: int | None = None,
 ) -> LoadedModel:
-    """Load a ChatGLM2 checkpoint folder natively; ModelLoadError says what is wrong."""
+    """Load a ChatGLM2/3 checkpoint folder natively; ModelLoadError says what is wrong.
+
+    ``quantize`` (4 or 8, ``--quantize``) quantizes an fp checkpoint's linears at load.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"{path}: not a directory")
     raw = read_config_json(folder)
     if raw is None:
         raise ModelLoadError(f"{path}: config.json is missing or not valid JSON")
-    cfg = ChatGLM2Config.from_dict(raw, source=str(folder / "config.json"))
+    family = detect_family(folder, raw)
+    cfg = ChatGLM2Config.from_dict(raw, source=str(folder / "config.json"), family=family)
+    if quantize and cfg.quantization_bit and quantize != cfg.quantization_bit:
+        raise ModelLoadError(
+            f"{path}: the checkpoint is already int{cfg.quantization_bit}; "
+            f"--quantize int{quantize} cannot re-quantize it"
+        )
+    bits = cfg.quantization_bit or quantize
     tokenizer = ChatGLM2Tokenizer(folder / "tokenizer.model")
     if tokenizer.vocab_size > cfg.padded_vocab_size:
         raise ModelLoadError(
@@ -72,8 +91,10 @@ def load_chatglm2(
     dtype = dtype or default_dtype(device)
 
     model = build_empty_model(cfg)
+    if bits:
+        quantize_linears(model, bits, dtype)
     load_weights(model, shards, cfg, device, dtype)
-    _init_rotary(model, device)
+    _init_rotary(model, device, cfg.position_scale)
     leftovers = [n for n, b in model.named_buffers() if b.is_meta]
     if leftovers:  # pragma: no cover - would mean transformers added a buffer we don't know
         raise ModelLoadError(f"uninitialised buffers after loading: {leftovers}")
@@ -92,4 +113,13 @@ def load_chatglm2(
         default_temperature=DEFAULT_TEMPERATURE,
         default_top_p=DEFAULT_TOP_P,
         nan_guard_token_id=NAN_GUARD_TOKEN_ID,
+        quantization=_describe_quantization(model, bits),
     )
+
+
+def _describe_quantization(model: torch.nn.Module, bits: int | None) -> str | None:
+    """``int4 (tinygemm)`` and the like, for the ready log line and /v1/models."""
+    if not bits:
+        return None
+    kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)})
+    return f"int{bits} ({', '.join(kernels)})"

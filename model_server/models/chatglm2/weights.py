@@ -3,6 +3,10 @@
 Each tensor is copied once, straight into the target dtype and device, and the shard's
 memory map is released before the next shard is opened. Peak host RAM is therefore the
 model (when it lives on the CPU) plus at most one shard's pages, never two full copies.
+
+Linears replaced by :class:`QuantLinear` (an int4/int8 checkpoint, or ``--quantize``) take
+their ``weight`` + ``weight_scale`` pair instead; an fp weight is quantized on the way in,
+one tensor at a time, so the full-precision model never exists in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 from model_server.models.base import ModelLoadError
 from model_server.models.chatglm2 import pages
 from model_server.models.chatglm2.config import ChatGLM2Config
+from model_server.models.quant import QuantLinear, quantize_rows
 
 _LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
 _IGNORED = {"transformer.rotary_pos_emb.inv_freq"}
@@ -109,7 +114,14 @@ def convert(name: str, tensor: torch.Tensor, cfg: ChatGLM2Config) -> list[tuple[
     prefix = f"model.layers.{i}."
     if rest in _IN_LAYER:
         return [(prefix + _IN_LAYER[rest], tensor)]
-    if rest in ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias"):
+    # A quantized linear's per-row scales sit next to its weight: ``<linear>.weight_scale``.
+    if rest.endswith(".weight_scale") and rest[: -len("_scale")] in _IN_LAYER:
+        return [(prefix + _IN_LAYER[rest[: -len("_scale")]] + "_scale", tensor)]
+    if rest in (
+        "self_attention.query_key_value.weight",
+        "self_attention.query_key_value.bias",
+        "self_attention.query_key_value.weight_scale",
+    ):
         kind = rest.rsplit(".", 1)[1]
         sizes = cfg.qkv_sizes
         if tensor.shape[0] != sum(sizes):
@@ -126,6 +138,56 @@ def convert(name: str, tensor: torch.Tensor, cfg: ChatGLM2Config) -> list[tuple[
     raise ModelLoadError(f"unexpected tensor {name!r} in a ChatGLM2 checkpoint")
 
 
+def quantize_linears(model: nn.Module, bits: int, dtype: torch.dtype) -> None:
+    """Swap every decoder linear for an empty :class:`QuantLinear` (ChatGLM's choice: qkv,
+    dense and both MLP linears; embeddings, norms and the output layer stay full precision)."""
+    for layer in model.model.layers:
+        for owner, names in (
+            (layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (layer.mlp, ("gate_up_proj", "down_proj")),
+        ):
+            for name in names:
+                linear = getattr(owner, name)
+                setattr(owner, name, QuantLinear.like(linear, bits, dtype, torch.device("meta")))
+
+
+class _QuantPending:
+    """Halves of quantized pairs seen so far (weight and scale may sit in different shards)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(
+        self, module_name: str, leaf: str, value: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        parts = self.parts.setdefault(module_name, {})
+        parts[leaf] = value
+        if {"weight", "weight_scale"} <= parts.keys():
+            return self.parts.pop(module_name)
+        return None
+
+
+def _load_quant_part(
+    module: QuantLinear,
+    module_name: str,
+    leaf: str,
+    value: torch.Tensor,
+    mappings: list[tuple[int, int]],
+    pending: _QuantPending,
+    device: torch.device,
+) -> None:
+    if leaf == "weight" and value.is_floating_point():
+        # --quantize: an fp weight, quantized on the target device (fast on a GPU).
+        q, scale = quantize_rows(value.to(device), module.bits)
+        module.set_weight(q, scale, device)
+        return
+    staged = torch.empty(value.shape, dtype=value.dtype)
+    pages.copy_releasing(staged, value, mappings)
+    pair = pending.add(module_name, leaf, staged)
+    if pair is not None:
+        module.set_weight(pair["weight"], pair["weight_scale"], device)
+
+
 def load_weights(
     model: nn.Module,
     shards: list[Path],
@@ -133,31 +195,53 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
 ) -> None:
-    """Replace every meta parameter of ``model`` with the checkpoint's tensor, copied once."""
+    """Replace every meta tensor of ``model`` with the checkpoint's, each copied once."""
     expected = dict(model.named_parameters())
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for module_name in quant:
+        expected[f"{module_name}.weight"] = expected[f"{module_name}.weight_scale"] = None
     loaded: set[str] = set()
+    pending = _QuantPending()
     for shard in shards:
         for name, tensor, mappings in iter_shard(shard):
             for new_name, value in convert(name, tensor, cfg):
-                target = expected.get(new_name)
-                if target is None:
+                if new_name not in expected:
                     raise ModelLoadError(f"{shard.name}: {name} maps to unknown {new_name!r}")
+                if new_name in loaded:
+                    raise ModelLoadError(f"{shard.name}: {name} appears twice")
+                module_name, _, leaf = new_name.rpartition(".")
+                target = expected[new_name]
+                if target is None:  # one half of a quantized linear
+                    if leaf == "weight_scale" and not cfg.quantization_bit:
+                        raise ModelLoadError(
+                            f"{shard.name}: {name} is quantized but config.json has no "
+                            "quantization_bit"
+                        )
+                    try:
+                        _load_quant_part(
+                            quant[module_name], module_name, leaf, value, mappings, pending, device
+                        )
+                    except ValueError as exc:
+                        raise ModelLoadError(f"{shard.name}: {name}: {exc}") from exc
+                    loaded.add(new_name)
+                    continue
                 if tuple(value.shape) != tuple(target.shape):
                     raise ModelLoadError(
                         f"{shard.name}: {name} has shape {tuple(value.shape)}, "
                         f"expected {tuple(target.shape)} for {new_name}"
                     )
-                if new_name in loaded:
-                    raise ModelLoadError(f"{shard.name}: {name} appears twice")
                 # A fresh tensor, never an alias of the shard's memory map (its pages are
                 # given back chunk by chunk as they are copied).
                 data = torch.empty(value.shape, dtype=dtype, device=device)
                 pages.copy_releasing(data, value, mappings)
-                module_name, _, leaf = new_name.rpartition(".")
                 module = model.get_submodule(module_name)
                 module._parameters[leaf] = nn.Parameter(data, requires_grad=False)
                 loaded.add(new_name)
             del tensor
+    if quant and not cfg.quantization_bit:
+        # --quantize on an fp checkpoint: no weight_scale tensors exist; the scales came
+        # from quantizing each weight.
+        loaded.update(f"{m}.weight_scale" for m in quant if f"{m}.weight" in loaded)
     missing = sorted(set(expected) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
