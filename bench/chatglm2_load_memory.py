@@ -5,8 +5,11 @@ shards + index, random fp16 weights, generated one shard at a time), then loads 
 ``load_chatglm2`` on the CPU in a child process and reports the child's peak RSS
 (``ru_maxrss``, which also counts memory-mapped shard pages while they are resident)
 against the model's size in the target dtype. The target is peak < 1.3x model bytes.
+``--quantization-bit 4`` (or 8) writes the published int4/int8 layout instead (random codes
+and per-row scales) and reports the same figures for the quantized model.
 
     .venv/bin/python bench/chatglm2_load_memory.py [--dir DIR] [--dtype float16] [--keep]
+        [--quantization-bit 4]
 """
 
 from __future__ import annotations
@@ -39,10 +42,17 @@ REAL_6B = {
 GIB = 1024**3
 
 
-def write_checkpoint(directory: Path, shards: int = 7, seed: int = 0, num_layers: int = 28) -> int:
+def write_checkpoint(
+    directory: Path,
+    shards: int = 7,
+    seed: int = 0,
+    num_layers: int = 28,
+    quantization_bit: int | None = None,
+) -> int:
     """Write the 6B checkpoint shard by shard (RAM ~ one shard); returns bytes of weights."""
     import torch
     from chatglm2_fixture import (
+        QUANTIZED_LINEARS,
         chatglm2_config,
         random_tensor,
         tensor_specs,
@@ -52,6 +62,8 @@ def write_checkpoint(directory: Path, shards: int = 7, seed: int = 0, num_layers
 
     directory.mkdir(parents=True, exist_ok=True)
     cfg = chatglm2_config(**{**REAL_6B, "num_layers": num_layers})
+    if quantization_bit:
+        cfg["quantization_bit"] = quantization_bit
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     # A small SentencePiece model: the loader only needs n + 5 <= padded_vocab_size.
     (directory / "tokenizer.model").write_bytes(train_tokenizer())
@@ -73,7 +85,12 @@ def write_checkpoint(directory: Path, shards: int = 7, seed: int = 0, num_layers
     for k, group in enumerate(groups, start=1):
         file = f"pytorch_model-{k:05d}-of-{len(groups):05d}.bin"
         t0 = time.perf_counter()
-        state = {name: random_tensor(name, shape, gen, torch.float16) for name, shape in group}
+        state = {}
+        for name, shape in group:
+            if quantization_bit and name.endswith(QUANTIZED_LINEARS):
+                state.update(random_quantized(name, shape, gen, quantization_bit))
+            else:
+                state[name] = random_tensor(name, shape, gen, torch.float16)
         torch.save(state, directory / file)
         del state
         weight_map.update(dict.fromkeys((n for n, _ in group), file))
@@ -82,6 +99,19 @@ def write_checkpoint(directory: Path, shards: int = 7, seed: int = 0, num_layers
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
     return total
+
+
+def random_quantized(name: str, shape: tuple[int, ...], gen, bits: int) -> dict:
+    """Random codes (int8, or packed nibbles) and per-row fp16 scales giving weights of about
+    1/sqrt(fan_in), in the published layout."""
+    import torch
+
+    top = 2 ** (bits - 1) - 1
+    codes = torch.randint(-top, top + 1, shape, generator=gen, dtype=torch.int8)
+    if bits == 4:
+        codes = ((codes[:, 0::2] << 4) | (codes[:, 1::2] & 0x0F)).to(torch.int8)
+    scale = torch.full((shape[0],), 1.0 / (0.58 * top * shape[1] ** 0.5), dtype=torch.float16)
+    return {name: codes, name + "_scale": scale}
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -118,7 +148,8 @@ def child(directory: str, dtype_name: str, forward: bool, no_release: bool) -> N
     load_s = time.perf_counter() - t0
     stop.set()
     sampler.join()
-    model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    tensors = [*loaded.model.parameters(), *loaded.model.buffers()]  # int4/int8: buffers
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
     result = {
         "load_s": round(load_s, 2),
         "model_bytes": model_bytes,
@@ -129,6 +160,7 @@ def child(directory: str, dtype_name: str, forward: bool, no_release: bool) -> N
         "dtype": str(loaded.dtype),
         "params": sum(p.numel() for p in loaded.model.parameters()),
         "page_release": not no_release,
+        "quantization": loaded.quantization,
     }
     if forward:
         t1 = time.perf_counter()
@@ -158,6 +190,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="load an already written --dir")
     ap.add_argument("--forward", action="store_true", help="also run one 3-token forward")
     ap.add_argument("--num-layers", type=int, default=28, help="fewer for a quick dry run")
+    ap.add_argument("--quantization-bit", type=int, choices=[4, 8], help="the int4/int8 layout")
     ap.add_argument(
         "--no-release", action="store_true", help="disable pages.release (for comparison)"
     )
@@ -175,7 +208,9 @@ def main() -> None:
         if not args.reuse:
             print(f"writing a random ChatGLM2-6B checkpoint to {directory} ...")
             t0 = time.perf_counter()
-            write_checkpoint(directory, num_layers=args.num_layers)
+            write_checkpoint(
+                directory, num_layers=args.num_layers, quantization_bit=args.quantization_bit
+            )
             print(f"  done in {time.perf_counter() - t0:.0f} s")
         ckpt_bytes = sum(p.stat().st_size for p in directory.glob("pytorch_model-*.bin"))
         cold = try_drop_page_cache()
@@ -214,6 +249,7 @@ def main() -> None:
 
     rows = [
         ("dtype", res["dtype"]),
+        ("quantization", str(res["quantization"])),
         ("parameters", f"{res['params'] / 1e9:.3f} B"),
         ("checkpoint on disk", f"{ckpt_bytes / GIB:.2f} GiB"),
         ("model bytes (target dtype)", f"{res['model_bytes'] / GIB:.2f} GiB"),

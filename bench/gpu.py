@@ -72,12 +72,24 @@ def gpu_memory_mib(pid: int) -> int | None:
     return None
 
 
+def cuda_context_mib() -> int | None:
+    """GPU memory of a process that only initialises CUDA (what every process pays)."""
+    code = (
+        "import torch, time; torch.zeros(1, device='cuda'); print('up', flush=True); time.sleep(30)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        return gpu_memory_mib(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def weight_bytes(model_dir: Path) -> int:
-    """Bytes of the checkpoint's weights (index total_size, else the files' sizes)."""
-    index = model_dir / "pytorch_model.bin.index.json"
-    if index.exists():
-        return int(json.loads(index.read_text())["metadata"]["total_size"])
-    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    """Bytes of the checkpoint's weight files (int4/int8: the packed size)."""
+    files = [*model_dir.glob("pytorch_model*.bin"), *model_dir.glob("*.safetensors")]
+    return sum(f.stat().st_size for f in files)
 
 
 async def drive(target: str, levels: list[int], max_tokens: int) -> list[dict[str, Any]]:
@@ -95,7 +107,8 @@ async def drive(target: str, levels: list[int], max_tokens: int) -> list[dict[st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="serve this checkpoint instead of writing one")
-    p.add_argument("--dir", type=Path, default=Path("/tmp/glmserve-chatglm2-6b-random"))
+    p.add_argument("--dir", type=Path, help="where to write it (default under /tmp)")
+    p.add_argument("--quantization-bit", type=int, choices=[4, 8], help="write int4/int8")
     p.add_argument("--levels", default="1,16,64")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--server-arg", action="append", default=[], help="extra model-server flag")
@@ -109,15 +122,19 @@ def main() -> None:
         sys.exit("bench.gpu needs a CUDA device")
     gpu = torch.cuda.get_device_name(0)
     bw = bandwidth_bytes_per_s()
-    log(f"{gpu}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    context = cuda_context_mib()
+    log(f"{gpu}: copy bandwidth {bw / 1e12:.2f} TB/s, CUDA context {context} MiB")
     model_dir = args.model
     if model_dir is None:
         from .chatglm2_load_memory import write_checkpoint
 
-        model_dir = args.dir
+        bits = args.quantization_bit
+        model_dir = args.dir or Path(
+            f"/tmp/glmserve-chatglm2-6b-random{f'-int{bits}' if bits else ''}"
+        )
         if not (model_dir / "config.json").exists():
             t0 = time.perf_counter()
-            write_checkpoint(model_dir)
+            write_checkpoint(model_dir, quantization_bit=bits)
             log(f"wrote {model_dir} in {time.perf_counter() - t0:.0f} s")
     wbytes = weight_bytes(model_dir)
     server_args = ("--device", "cuda", "--max-num-seqs", str(max(levels)), *args.server_arg)
@@ -129,7 +146,9 @@ def main() -> None:
     for row in rows:
         row["hbm_bound_tok_s"] = row["concurrency"] * bw / wbytes
         row["of_bound"] = row["tok_s"] / row["hbm_bound_tok_s"]
-    print(f"\n{gpu}, {wbytes / 2**30:.1f} GiB weights, copy {bw / 1e12:.2f} TB/s")
+    print(f"\n{gpu}, {wbytes / 2**30:.2f} GiB weights, copy {bw / 1e12:.2f} TB/s")
+    print(f"GPU memory (nvidia-smi): {mem} MiB loaded, {mem_after} MiB after the run, of which")
+    print(f"{context} MiB is the CUDA context any process has")
     head = ("streams", "tok/s", "bound", "of bound", "ttft p50", "itl p50")
     print("{:>7} {:>8} {:>8} {:>8} {:>9} {:>8}".format(*head))
     for r in rows:
@@ -143,6 +162,7 @@ def main() -> None:
         "weight_bytes": wbytes,
         "copy_bandwidth_bytes_s": bw,
         "load_s": stack.load_seconds,
+        "cuda_context_mib": context,
         "gpu_memory_mib_loaded": mem,
         "gpu_memory_mib_after": mem_after,
         "rows": rows,
