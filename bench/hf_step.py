@@ -48,7 +48,7 @@ ACTIVITY = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActiv
 
 def _sync() -> None:
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def step_times(model: Any, batch: int, prompt: int, steps: int) -> dict[str, float]:

@@ -95,6 +95,10 @@ def load_chatglm2(
         quantize_linears(model, bits, dtype)
     load_weights(model, shards, cfg, device, dtype)
     _init_rotary(model, device, cfg.position_scale)
+    if device.type == "cuda":
+        # Packing int4 leaves freed staging blocks in torch's cache: give them back, so the
+        # memory at rest is the model's (and the KV pool sized after us sees it free).
+        torch.cuda.empty_cache()
     leftovers = [n for n, b in model.named_buffers() if b.is_meta]
     if leftovers:  # pragma: no cover - would mean transformers added a buffer we don't know
         raise ModelLoadError(f"uninitialised buffers after loading: {leftovers}")
