@@ -10,20 +10,51 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:  # torch is imported by the loaders, not by the servicer's import chain
     import torch
 
-RoleName = Literal["system", "user", "assistant"]
+RoleName = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call in OpenAI's shape: ``arguments`` is JSON text of an object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call. ``parameters`` is the arguments' JSON Schema (a dict;
+    ``{"type": "object"}`` when the client gave none)."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def openai(self) -> dict[str, Any]:
+        """The OpenAI ``tools`` item, which is what transformers chat templates expect."""
+        function = {"name": self.name, "description": self.description}
+        return {"type": "function", "function": {**function, "parameters": self.parameters}}
 
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One turn of a conversation, independent of gRPC."""
+    """One turn of a conversation, independent of gRPC.
+
+    ``tool_calls``: an assistant turn's calls. ``tool_call_id`` (+ ``name``, the function):
+    a ``tool`` turn, which carries that call's result in ``content``.
+    """
 
     role: RoleName
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    name: str = ""
 
 
 class ConversationError(ValueError):

@@ -14,6 +14,7 @@ from transformers import GlmForCausalLM
 
 from model_server.models.base import LoadedModel, ModelLoadError
 from model_server.models.chatglm2.chat_format import ChatGLM2ChatFormat
+from model_server.models.chatglm2.chatglm3 import ChatGLM3ChatFormat
 from model_server.models.chatglm2.config import ChatGLM2Config, read_config_json
 from model_server.models.chatglm2.family import detect_family
 from model_server.models.chatglm2.tokenizer import ChatGLM2Tokenizer
@@ -78,7 +79,7 @@ def load_chatglm2(
             f"--quantize int{quantize} cannot re-quantize it"
         )
     bits = cfg.quantization_bit or quantize
-    tokenizer = ChatGLM2Tokenizer(folder / "tokenizer.model")
+    tokenizer = ChatGLM2Tokenizer(folder / "tokenizer.model", role_tokens=family == "chatglm3")
     if tokenizer.vocab_size > cfg.padded_vocab_size:
         raise ModelLoadError(
             f"{path}: tokenizer has {tokenizer.vocab_size} ids but padded_vocab_size is "
@@ -105,14 +106,22 @@ def load_chatglm2(
     model.config.dtype = dtype
     model.eval()
 
+    chat_format: ChatGLM2ChatFormat | ChatGLM3ChatFormat
+    if family == "chatglm3":
+        chat_format = ChatGLM3ChatFormat(tokenizer)
+        # A turn ends at eos or where the next role would start: the user's or a tool result.
+        roles = tokenizer.role_token_ids
+        stop_ids = {cfg.eos_token_id, roles["user"], roles["observation"]}
+    else:
+        chat_format, stop_ids = ChatGLM2ChatFormat(tokenizer), {cfg.eos_token_id}
     limit = cfg.seq_length if max_model_len is None else min(cfg.seq_length, max_model_len)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        chat_format=ChatGLM2ChatFormat(tokenizer),
-        eos_token_ids=frozenset({cfg.eos_token_id}),
+        chat_format=chat_format,
+        eos_token_ids=frozenset(stop_ids),
         max_model_len=limit,
-        architecture="chatglm",
+        architecture="chatglm3" if family == "chatglm3" else "chatglm",
         source=str(folder),
         default_temperature=DEFAULT_TEMPERATURE,
         default_top_p=DEFAULT_TOP_P,

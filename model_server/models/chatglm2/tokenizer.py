@@ -1,8 +1,9 @@
-"""ChatGLM2's tokenizer, rebuilt on the ``sentencepiece`` package (no remote code).
+"""ChatGLM2's and ChatGLM3's tokenizer, rebuilt on the ``sentencepiece`` package (no remote code).
 
 The checkpoint's ``tokenizer.model`` is a plain SentencePiece BPE model with byte fallback;
-ChatGLM2 appends five special tokens after its vocabulary. Plain text is always encoded with
-SentencePiece alone, so special-token *names* typed by a user stay ordinary text.
+ChatGLM2 appends five special tokens after its vocabulary, ChatGLM3 the same five and then its
+four role tokens. Plain text is always encoded with SentencePiece alone, so special-token
+*names* typed by a user (``<|user|>`` included) stay ordinary text.
 """
 
 from __future__ import annotations
@@ -16,17 +17,25 @@ from model_server.models.base import ModelLoadError
 
 # Appended after the SentencePiece vocabulary, in this order (ids n .. n+4).
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+# ChatGLM3 appends its role tokens after those (ids n+5 .. n+8).
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 
 
 class ChatGLM2Tokenizer:
-    """Ids ↔ text for ChatGLM2. Implements ``base.Tokenizer``."""
+    """Ids ↔ text for ChatGLM2 (and ChatGLM3 with ``role_tokens``). Implements
+    ``base.Tokenizer``.
+
+    ChatGLM3's decode writes role tokens as their names, as the original does (a reply with
+    several tool calls separates them with ``<|assistant|>``); the five GLM specials, unk/pad,
+    bos and eos are dropped.
+    """
 
     unk_token_id = 0
     pad_token_id = 0
     bos_token_id = 1
     eos_token_id = 2
 
-    def __init__(self, model_file: str | Path) -> None:
+    def __init__(self, model_file: str | Path, role_tokens: bool = False) -> None:
         model_file = Path(model_file)
         if not model_file.is_file():
             raise ModelLoadError(f"{model_file}: tokenizer.model is missing")
@@ -39,21 +48,26 @@ class ChatGLM2Tokenizer:
             ) from exc
         self.sp_vocab_size: int = self._sp.get_piece_size()
         n = self.sp_vocab_size
-        self.special_tokens: dict[str, int] = {t: n + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self._names = SPECIAL_TOKENS + (ROLE_TOKENS if role_tokens else ())
+        self.special_tokens: dict[str, int] = {t: n + i for i, t in enumerate(self._names)}
+        self.role_token_ids: dict[str, int] = {
+            t[2:-2]: self.special_tokens[t] for t in ROLE_TOKENS if t in self.special_tokens
+        }
         self.mask_token_id = n
         self.gmask_token_id = n + 1
         self.smask_token_id = n + 2
         self.sop_token_id = n + 3
         self.eop_token_id = n + 4
-        # Dropped by decode: the appended specials, unk/pad, bos and eos.
+        # Dropped by decode: the five GLM specials, unk/pad, bos and eos.
         self._skip = frozenset(
-            {*self.special_tokens.values(), self.pad_token_id, self.bos_token_id, self.eos_token_id}
+            {n + i for i in range(len(SPECIAL_TOKENS))}
+            | {self.pad_token_id, self.bos_token_id, self.eos_token_id}
         )
 
     @property
     def vocab_size(self) -> int:
-        """SentencePiece pieces plus the five appended specials (not the padded model rows)."""
-        return self.sp_vocab_size + len(SPECIAL_TOKENS)
+        """SentencePiece pieces plus the appended specials (not the padded model rows)."""
+        return self.sp_vocab_size + len(self._names)
 
     @property
     def prompt_prefix(self) -> list[int]:
@@ -73,12 +87,24 @@ class ChatGLM2Tokenizer:
         detokenizer relies on to hold text back.
         """
         n = self.sp_vocab_size
-        kept = [int(i) for i in ids if 0 <= int(i) < n and int(i) not in self._skip]
-        return self._sp.decode(kept) if kept else ""
+        parts: list[str] = []
+        run: list[int] = []
+        for raw in ids:
+            i = int(raw)
+            if 0 <= i < n and i not in self._skip:
+                run.append(i)
+            elif n + len(SPECIAL_TOKENS) <= i < n + len(self._names):  # a role token
+                if run:
+                    parts.append(self._sp.decode(run))
+                    run = []
+                parts.append(self._names[i - n])
+        if run:
+            parts.append(self._sp.decode(run))
+        return "".join(parts)
 
     def id_to_piece(self, token_id: int) -> str:
         """The piece string of one id (specials by name), for debugging and tests."""
         if token_id >= self.sp_vocab_size:
             k = token_id - self.sp_vocab_size
-            return SPECIAL_TOKENS[k] if k < len(SPECIAL_TOKENS) else f"<padding:{token_id}>"
+            return self._names[k] if k < len(self._names) else f"<padding:{token_id}>"
         return self._sp.id_to_piece(token_id)
