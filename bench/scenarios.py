@@ -12,8 +12,8 @@ goes into ``latest.json`` under ``scenarios`` and ``bench.report`` checks its ta
 - **longprompt**: one ~6,000-token prompt next to 63 short ones under an explicit, small KV
   budget: memory runs out, so the engine has to preempt (or queue) without blowing up RSS.
 
-Server metrics are read with ``prometheus_client``'s parser; counters the engine does not have
-yet (prefix cache, preemptions) are recorded as ``None``.
+Server metrics are read with ``prometheus_client``'s parser (:mod:`glmserve.testing`); counters
+the engine does not have yet (prefix cache, preemptions) are recorded as ``None``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +36,14 @@ from typing import Any
 import grpc
 import psutil
 from openai import AsyncOpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
+from glmserve.testing import command, scrape
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
 from .load import percentile
 from .machine import CpuWatch
 from .prompts import PASSAGES, QUESTIONS, prompts
-from .stack import BIN, Stack
+from .stack import Stack
 
 NAMES: tuple[str, ...] = ("multiturn", "nomax", "longprompt")
 
@@ -137,16 +136,6 @@ async def fit_long_prompt(
 # ---- server metrics and memory -------------------------------------------------------------
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text → {sample name with sorted labels: value}."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = float(s.value)
-    return out
-
-
 def metric(samples: dict[str, float], name: str) -> float | None:
     """One unlabelled sample, with or without the counter's ``_total`` suffix; None if absent."""
     for key in (name, name.removesuffix("_total"), name + "_total"):
@@ -157,9 +146,10 @@ def metric(samples: dict[str, float], name: str) -> float | None:
 
 def read_metrics(stack: Stack) -> dict[str, float]:
     """The model server's /metrics now ({} when it does not answer)."""
-    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+    if stack.metrics_port is None:
+        return {}
     try:
-        return parse_metrics(urllib.request.urlopen(url, timeout=5).read().decode())
+        return scrape(stack.metrics_port)
     except (OSError, ValueError):
         return {}
 
@@ -533,7 +523,10 @@ def kv_flag() -> str:
     engine rewrite) or ``--max-num-batched-tokens`` (before it)."""
     try:
         text = subprocess.run(
-            [str(BIN / "model-server"), "--help"], capture_output=True, text=True, timeout=120
+            [*command("model-server", "model_server.cli"), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         text = ""

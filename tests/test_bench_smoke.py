@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import prompts as bench_prompts  # noqa: E402
 from bench import report, scenarios  # noqa: E402
 from bench.load import RequestResult, percentile, summarize  # noqa: E402
+from glmserve.testing import parse_metrics  # noqa: E402
 
 
 def test_prompts_are_deterministic_and_mixed() -> None:
@@ -254,11 +255,13 @@ glmserve_step_tokens_total{phase="decode"} 7.0
 
 
 def test_metrics_parsing_tolerates_absent_counters() -> None:
-    m = scenarios.parse_metrics(METRICS_TEXT)
+    m = parse_metrics(METRICS_TEXT)
     assert scenarios.metric(m, scenarios.RUNNING) == 3.0
     assert scenarios.metric(m, scenarios.PREFIX_HITS) == 128.0
     assert scenarios.metric(m, "glmserve_prefix_cache_hits") == 128.0
     assert m['glmserve_step_tokens_total{phase="decode"}'] == 7.0
+    two = parse_metrics('# TYPE x counter\nx_total{b="2",a="1"} 5\n')
+    assert two == {'x_total{a="1",b="2"}': 5.0}  # labels sorted by name
     assert scenarios.metric(m, scenarios.PREEMPTIONS) is None
     assert (
         scenarios.delta(

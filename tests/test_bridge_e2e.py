@@ -11,7 +11,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ from procs import (
     start_bridge,
     start_model_server,
     wait_serving,
+    wait_until,
 )
 
 LONG = {"max_tokens": 400, "extra_body": {"ignore_eos": True}}  # ~seconds of tokens
@@ -38,15 +39,6 @@ def running(server: Proc) -> float:
 
 def finished(server: Proc) -> float:
     return sum(v for k, v in server.metrics().items() if k.startswith("glmserve_requests_total"))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def sse_data(line: str) -> str | None:

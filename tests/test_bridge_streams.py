@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from procs import Proc, spawn_bridge, start_bridge, start_model_server
-from test_bridge_e2e import HI, LONG_RAW, running, sse_data, wait_until
+from procs import Proc, spawn_bridge, start_bridge, start_model_server, wait_until
+from test_bridge_e2e import HI, LONG_RAW, running, sse_data
 
 SLOW_READERS = 20  # the bench's 200, scaled down
 NORMAL = 4

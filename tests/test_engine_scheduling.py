@@ -7,26 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 from grpc_client import chat_request, collect
-from procs import Proc, start_model_server
+from procs import Proc, start_model_server, wait_until
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
 POOL = 400  # KV-cache tokens: 25 blocks of 16 (lanes with padding and spare room included)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 def idle(server: Proc) -> bool:

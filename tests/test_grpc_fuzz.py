@@ -13,7 +13,6 @@ Hypothesis runs with a fixed seed, no example database and a fixed budget.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from procs import Proc, start_model_server
+from procs import Proc, start_model_server, wait_until
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
@@ -163,8 +162,5 @@ def test_server_still_serves_after_the_fuzz(server: Proc, channel: grpc.Channel)
         )
     )
     assert msgs[-1].usage.completion_tokens == 3
-    deadline = time.monotonic() + 10
-    while server.metrics()["glmserve_requests_running"] != 0:
-        assert time.monotonic() < deadline, "requests_running never returned to 0"
-        time.sleep(0.05)
+    wait_until(lambda: server.metrics()["glmserve_requests_running"] == 0, 10, "running at 0")
     assert "Traceback" not in server.log_text()

@@ -4,14 +4,13 @@ NaN for one row, next to four normal greedy requests, on a real model server ove
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_client import chat_request
-from procs import Proc, start_model_server
+from procs import Proc, start_model_server, wait_until
 from tiny_models import make_poisoned_llama, script_tokens
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
@@ -93,8 +92,7 @@ def test_poisoned_request_beside_four_normal_ones(poisoned_server, poison):
         Path(poisoned_server.args[poisoned_server.args.index("--model") + 1]), text
     )
     asyncio.run(scenario())
-    deadline = time.monotonic() + 10
-    while poisoned_server.metrics()["glmserve_requests_running"] != 0:
-        assert time.monotonic() < deadline, "requests_running never returned to 0"
-        time.sleep(0.05)
+    wait_until(
+        lambda: poisoned_server.metrics()["glmserve_requests_running"] == 0, 10, "running at 0"
+    )
     assert poisoned_server.proc.poll() is None

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from conftest import SCRIPT
 from grpc_client import chat_request, collect
-from procs import spawn_model_server
+from procs import spawn_model_server, wait_until
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
@@ -132,10 +132,7 @@ def test_cancel_frees_the_slot(tiny):
     next(call)
     assert tiny.metrics()["glmserve_requests_running"] == 1
     call.cancel()
-    deadline = time.monotonic() + 5
-    while tiny.metrics()["glmserve_requests_running"] != 0:
-        assert time.monotonic() < deadline, "running gauge did not go back to 0"
-        time.sleep(0.05)
+    wait_until(lambda: tiny.metrics()["glmserve_requests_running"] == 0, 5, "running at 0")
     m = tiny.metrics()
     assert m["glmserve_requests_waiting"] == 0
     assert m['glmserve_requests_total{finish_reason="aborted"}'] >= 1
@@ -150,10 +147,7 @@ def test_deadline_cancels_generation(tiny):
             )
         )
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 5
-    while tiny.metrics()["glmserve_requests_running"] != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: tiny.metrics()["glmserve_requests_running"] == 0, 5, "running at 0")
 
 
 def _msgs(*pairs: tuple[int, str]) -> list[chat_pb2.Message]:

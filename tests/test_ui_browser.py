@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +52,12 @@ expect = sync_api.expect
 # ====================================================================== processes
 # --- stack begin (the real model server + the real bridge)
 
-from procs import spawn_bridge, spawn_model_server, start_bridge  # noqa: E402  (tests/procs.py)
+from procs import (  # noqa: E402  (tests/procs.py)
+    spawn_bridge,
+    spawn_model_server,
+    start_bridge,
+    wait_until,
+)
 
 # The served model is a tiny Llama rigged so that GREEDY decoding (temperature 0) replies with
 # exactly this hostile text, token by token (tests/tiny_models.py; every token must be unique);
@@ -73,13 +77,7 @@ class Stack:
     def start(self) -> None:
         self.server = spawn_model_server(str(self.model_dir))
         self.bridge = spawn_bridge("--backend", self.server.target, "--drain-seconds", "1")
-        # The bridge answers at once, but routes calls only once its health check sees the
-        # backend SERVING: wait for that.
-        deadline = time.monotonic() + 30
-        while (r := httpx.get(f"{self.url}/v1/models", timeout=10)).status_code != 200:
-            assert time.monotonic() < deadline, f"bridge never reached the backend: {r.text}"
-            time.sleep(0.05)
-        self.model = r.json()["data"][0]["id"]
+        self.model = routed_model(self.url)
 
     def alive(self) -> bool:
         return all(p is not None and p.proc.poll() is None for p in (self.server, self.bridge))
@@ -100,15 +98,16 @@ class Stack:
         self.bridge.stop()
 
     def requests_running(self) -> float:
-        """Sum of the model server's glmserve_requests_running gauge (all label sets)."""
-        text = httpx.get(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=5).text
-        values = [
-            float(line.rsplit(None, 1)[1])
-            for line in text.splitlines()
-            if re.match(r"glmserve_requests_running(\{| )", line)
-        ]
-        assert values, "glmserve_requests_running is not exported"
-        return sum(values)
+        """The model server's glmserve_requests_running gauge."""
+        return self.server.metrics()["glmserve_requests_running"]
+
+
+def routed_model(url: str) -> str:
+    """The model id, once the bridge routes calls: it answers at once, but routes only once
+    its health check has seen the backend SERVING."""
+    models = f"{url}/v1/models"
+    wait_until(lambda: httpx.get(models, timeout=10).status_code == 200, 30, "bridge routing")
+    return httpx.get(models, timeout=10).json()["data"][0]["id"]
 
 
 @pytest.fixture(scope="module")
@@ -397,10 +396,7 @@ def test_stop_mid_stream_ends_generation_on_the_server(
         "[data-testid=message][data-streaming=true] [data-testid=message-content]"
     )
     expect(streaming).not_to_have_text("")
-    deadline = time.monotonic() + 10
-    while stack.requests_running() < 1:
-        assert time.monotonic() < deadline, "the server never reported the request as running"
-        time.sleep(0.02)
+    wait_until(lambda: stack.requests_running() >= 1, 10, "the request running on the server")
 
     ui.tid("stop-button").click()
     ui.wait_replies(1)
@@ -408,10 +404,7 @@ def test_stop_mid_stream_ends_generation_on_the_server(
     expect(ui.tid("send-button")).to_be_visible()
     expect(ui.messages("assistant").get_by_test_id("message-note")).to_have_text("Stopped.")
 
-    deadline = time.monotonic() + 10
-    while (running := stack.requests_running()) != 0:
-        assert time.monotonic() < deadline, f"glmserve_requests_running stuck at {running}"
-        time.sleep(0.05)
+    wait_until(lambda: stack.requests_running() == 0, 10, "glmserve_requests_running at 0")
 
     body = json.loads(ui.requests[-1]["body"])
     assert body["max_tokens"] == 400 and body["temperature"] == 0.9
@@ -912,10 +905,7 @@ def test_default_model_multi_turn_stop_and_reload(make_ui: Callable[..., UI]) ->
     stack = Stack(Path("smollm2-135m-instruct"))
     stack.server, stack.bridge = server, bridge
     try:
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{bridge.url}/v1/models", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "bridge never reached the model server"
-            time.sleep(0.05)
+        routed_model(bridge.url)
         ui = make_ui(bridge.url, max_tokens=None)
         ui.goto()
         expect(ui.tid("model-select")).to_have_value("smollm2-135m-instruct")
@@ -946,10 +936,7 @@ def test_default_model_multi_turn_stop_and_reload(make_ui: Callable[..., UI]) ->
         expect(ui.messages("assistant").nth(2).get_by_test_id("message-note")).to_have_text(
             "Stopped."
         )
-        deadline = time.monotonic() + 10
-        while stack.requests_running() != 0:
-            assert time.monotonic() < deadline, "generation kept running after Stop"
-            time.sleep(0.05)
+        wait_until(lambda: stack.requests_running() == 0, 10, "generation ended after Stop")
         before = [t.strip() for t in ui.page.get_by_test_id("message-content").all_inner_texts()]
 
         ui.page.reload()
