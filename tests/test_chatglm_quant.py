@@ -104,19 +104,45 @@ def test_quantize_at_load_equals_the_published_quantization(checkpoints, tmp_pat
     assert packed < dense / (3 if bits == 8 else 5)
 
 
-def test_int4_checkpoint_served_over_grpc_gives_reference_tokens(checkpoints):
-    ref = load_model(str(checkpoints["ref4"]), CPU, "float32", None)
+def served_greedy(model_dir: Path, prompts: list[str]) -> tuple[list[list[int]], str]:
+    """Greedy ids of each prompt from a real model server, and its log."""
     with (
-        start_model_server(str(checkpoints["int4"]), "--dtype", "float32") as server,
+        start_model_server(str(model_dir), "--dtype", "float32") as server,
         grpc.insecure_channel(server.target) as channel,
     ):
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        for prompt in PROMPTS:
+        out = []
+        for prompt in prompts:
             req = chat_request(prompt, max_tokens=16, temperature=0.0, ignore_eos=True)
             _, msgs = collect(stub.Chat(req, timeout=60))
-            assert [t for m in msgs for t in m.token_ids] == greedy_ids(ref, prompt)
-        log = server.log_text()
-    assert "quantization=int4" in log
+            out.append([t for m in msgs for t in m.token_ids])
+        return out, server.log_text()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_checkpoint_served_over_grpc_gives_reference_tokens(checkpoints, bits):
+    ref = load_model(str(checkpoints[f"ref{bits}"]), CPU, "float32", None)
+    served, log = served_greedy(checkpoints[f"int{bits}"], PROMPTS)
+    assert served == [greedy_ids(ref, p) for p in PROMPTS]
+    assert f"quantization=int{bits}" in log
+
+
+def test_32k_checkpoint_served_over_grpc_gives_reference_tokens(checkpoints, tmp_path):
+    """ChatGLM2-6B-32k: the reference divides the position index by rope_ratio."""
+    long = make_tiny_chatglm2(tmp_path / "32k", rope_ratio=8, **SHAPE)
+    base = load_model(str(checkpoints["fp16"]), CPU, "float32", None)
+    served, _ = served_greedy(long, PROMPTS)
+    for prompt, got in zip(PROMPTS, served, strict=True):
+        ids = base.chat_format.render([ChatMessage("user", prompt)])
+        want: list[int] = []
+        with torch.inference_mode():
+            for _ in range(16):
+                positions = torch.arange(len(ids)) / 8
+                logits = base.model(input_ids=torch.tensor([ids]), position_ids=positions[None])
+                nxt = int(logits.logits[0, -1].argmax())
+                want.append(nxt)
+                ids.append(nxt)
+        assert got == want
 
 
 @pytest.mark.parametrize(
