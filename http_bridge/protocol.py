@@ -1,10 +1,14 @@
 """OpenAI chat-completions wire models (request, response, stream chunk, models list).
 
-Only shapes and field-level rules live here; serving logic is in ``routes/``. Requests are
-strict: unknown fields, and known OpenAI fields glmserve does not implement (tools, logprobs,
-response_format other than text, ...), are 400s naming the field instead of being silently
-ignored. A known-but-unimplemented field is accepted only at its neutral value (``null``,
-``false``, ``{"type": "text"}``...), which is what SDKs send when the feature is off.
+Only shapes and field-level rules live here; serving logic is in ``routes/``. The extra-field
+policy (docs/bridge.md): every known field is strictly typed and ranged. Unknown top-level
+fields (Open WebUI forwards user options like ``num_ctx``) and known OpenAI fields that change
+nothing here (``store``, ``metadata``, ``user``...) are accepted and ignored, as vLLM does;
+:meth:`ChatCompletionRequest.ignored_params` lists them for the log and the
+``x-glmserve-ignored-params`` header. Known fields whose effect glmserve cannot give
+(``logit_bias``, ``audio``, ``prediction``...) are 400s naming the field, except at their
+neutral value (``null``, ``{}``, ``["text"]``...), which is what SDKs send when a feature is off.
+Unknown fields inside messages stay 400s: they are not options, they are content.
 
 Every field is bounded here, and the bounds are in the published ``/openapi.json``: integers to
 the range of the proto field they travel in (uint32, int64), floats to OpenAI's ranges and
@@ -24,6 +28,7 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -55,33 +60,34 @@ def _unsupported(field: str, why: str = "") -> PydanticCustomError:
     )
 
 
-# Known OpenAI request fields glmserve does not implement, with the values that mean "off".
-# None (JSON null / absent) is always accepted.
+# Known OpenAI request fields glmserve does not implement and cannot ignore, with the values
+# that mean "off". None (JSON null / absent) is always accepted.
 _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),  # only meaningful with tools, which are rejected
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "logit_bias": ({},),
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
     "web_search_options": (),
-    "store": (False,),
-    "metadata": ({},),
-    "service_tier": ("auto", "default"),
-    "reasoning_effort": (),
-    "verbosity": (),
-    "moderation": (),
-    "prompt_cache_key": (),
-    "prompt_cache_retention": (),
-    "prompt_cache_options": (),
-    "safety_identifier": (),
 }
+# Known OpenAI fields that do not change a reply here: accepted (any JSON), ignored, listed.
+IGNORED_FIELDS = (
+    "user",
+    "store",
+    "metadata",
+    "service_tier",
+    "parallel_tool_calls",
+    "reasoning_effort",
+    "verbosity",
+    "moderation",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "safety_identifier",
+)
+MAX_TOOLS = 128
+MAX_TOP_LOGPROBS = 20
 
 
 class _Strict(BaseModel):
@@ -137,36 +143,54 @@ class StreamOptions(_Strict):
         return value
 
 
+class FunctionCallIn(_Strict):
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    # JSON text of an object, as the API returned it (not checked: it is history).
+    arguments: str = Field(default="{}", max_length=MAX_TEXT_CHARS)
+
+
+class ToolCallIn(_Strict):
+    """An earlier assistant reply's tool call, sent back in the history."""
+
+    id: str = Field(max_length=MAX_NAME_CHARS)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Strict):
     """One input message. ``developer`` is treated as ``system``; ``name`` is accepted."""
 
-    role: Annotated[str, WithJsonSchema({"enum": ["system", "developer", "user", "assistant"]})]
+    role: Annotated[
+        str, WithJsonSchema({"enum": ["system", "developer", "user", "assistant", "tool"]})
+    ]
     # A string, or a list of {"type": "text", "text": ...} parts; validated below.
     content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = Field(
         default=None, validate_default=True
     )
     name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    # An assistant reply's tool calls; a tool message's call id.
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     # Fields of an earlier assistant reply (SDKs echo them back): accepted only when empty.
     refusal: None = None
     annotations: Any = None
-    tool_calls: Any = None
     function_call: Any = None
     audio: Any = None
 
     @field_validator("role", mode="before")
     @classmethod
     def _role(cls, value: Any) -> str:
-        if value in ("system", "developer", "user", "assistant"):
+        if value in ("system", "developer", "user", "assistant", "tool"):
             return value
-        if value in ("tool", "function"):
+        if value == "function":
             raise PydanticCustomError(
                 "unsupported_parameter",
-                "role '{role}' is not supported: this server does not implement tools.",
-                {"role": value},
+                "role 'function' (the deprecated functions API) is not supported: use tools "
+                "and role 'tool'.",
             )
         raise PydanticCustomError(
             "invalid_role",
-            "role must be one of 'system', 'developer', 'user', 'assistant', got {role!r}",
+            "role must be one of 'system', 'developer', 'user', 'assistant', 'tool', got {role!r}",
             {"role": value},
         )
 
@@ -216,12 +240,29 @@ class ChatMessage(_Strict):
         # Same joining rule as vLLM: parts are separate paragraphs of one message.
         return "\n".join(texts)
 
-    @field_validator("annotations", "tool_calls", "function_call", "audio")
+    @field_validator("annotations", "function_call", "audio")
     @classmethod
     def _assistant_extras(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None or value == []:
             return None
         raise _unsupported(str(info.field_name))
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_of_assistant(cls, value: list[ToolCallIn] | None, info: ValidationInfo) -> Any:
+        if value and info.data.get("role") != "assistant":
+            raise PydanticCustomError("invalid_value", "only assistant messages have tool_calls")
+        return value or None
+
+    @model_validator(mode="after")
+    def _tool_result_has_id(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError(
+                "missing", "a tool message needs tool_call_id (the id of the call it answers)"
+            )
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise PydanticCustomError("invalid_value", "only tool messages have tool_call_id")
+        return self
 
     @property
     def text(self) -> str:
@@ -238,8 +279,60 @@ def _bounded_text(text: str, where: str) -> str:
     return text
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    # The JSON Schema (an object); absent: any JSON value.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatIn(_Strict):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema",
+    "json_schema": {...}}`` (one model rather than a tagged union, so a 400 names the field
+    as the client wrote it)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormatIn:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError(
+                "invalid_value", "json_schema is required with type 'json_schema', and only then"
+            )
+        return self
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    # JSON Schema of the arguments object; absent: any object.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Strict):
-    """CreateChatCompletionRequest, as far as glmserve implements it (plus vLLM extensions)."""
+    """CreateChatCompletionRequest, as far as glmserve implements it (plus vLLM extensions).
+
+    Unknown top-level fields are kept aside (``model_extra``) and ignored; see the module
+    docstring."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     model: str = Field(max_length=MAX_NAME_CHARS)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -256,29 +349,33 @@ class ChatCompletionRequest(_Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormatIn | None = None
+    tools: list[ToolDef] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # vLLM-style extensions; top_k and min_tokens are uint32 in chat.proto.
     top_k: int | None = Field(default=None, ge=-1, le=UINT32_MAX)
+    min_p: float | None = Field(default=None, ge=0, le=1)
     min_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX)
     ignore_eos: bool | None = None
     repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2)
-    # Known OpenAI fields that are not implemented: only their neutral values pass.
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    # Known OpenAI fields that cannot be ignored: only their neutral values pass.
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
+    # Known OpenAI fields that change nothing here: ignored (and listed). ``user`` is an id
+    # string, or an object (Open WebUI sends one for some models).
+    user: str | dict[str, Any] | None = None
+    # Any value:
     store: Any = None
     metadata: Any = None
     service_tier: Any = None
+    parallel_tool_calls: Any = None
     reasoning_effort: Any = None
     verbosity: Any = None
     moderation: Any = None
@@ -293,11 +390,71 @@ class ChatCompletionRequest(_Strict):
         name = str(info.field_name)
         if value is None or value in _NEUTRAL_VALUES[name]:
             return value
-        hints = {
-            "response_format": 'Only {"type": "text"} is supported.',
-            "logprobs": "Log probabilities are not returned.",
-        }
+        hints = {"functions": "Use tools.", "function_call": "Use tool_choice."}
         raise _unsupported(name, hints.get(name, ""))
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | dict[str, Any] | None) -> Any:
+        if isinstance(value, str) and len(value) > MAX_NAME_CHARS:
+            raise PydanticCustomError(
+                "too_long", "user is at most {n} characters", {"n": MAX_NAME_CHARS}
+            )
+        return value
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        if isinstance(value, dict) or value in (None, "none", "auto", "required"):
+            return value
+        raise PydanticCustomError(
+            "invalid_value",
+            "tool_choice must be 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}',
+        )
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise PydanticCustomError("invalid_value", "top_logprobs needs logprobs: true")
+        return value
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("invalid_value", "tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise PydanticCustomError(
+                "invalid_value",
+                "tool_choice names function {name!r}, which is not in tools",
+                {"name": choice.function.name},
+            )
+        if choice == "required" and not names:
+            raise PydanticCustomError("invalid_value", "tool_choice 'required' needs tools")
+        if self.calls_tools and self.structured:
+            raise PydanticCustomError(
+                "invalid_value",
+                "response_format json_object/json_schema cannot be combined with tools "
+                "(unless tool_choice is 'none')",
+            )
+        return self
+
+    def ignored_params(self) -> list[str]:
+        """Top-level fields that were sent but change nothing: unknown ones and the known
+        IGNORED_FIELDS (for the log and the x-glmserve-ignored-params header)."""
+        known = [f for f in IGNORED_FIELDS if getattr(self, f) is not None]
+        return sorted({*known, *(self.model_extra or {})})
+
+    @property
+    def structured(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -358,13 +515,18 @@ class ChatCompletionRequest(_Strict):
         return self.stop or []
 
     @property
+    def logprob_count(self) -> int | None:
+        """The proto's ``logprobs``: top alternatives wanted, or None when off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 # ---- responses -------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -373,17 +535,65 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(BaseModel):
+    """ChatCompletionTokenLogprob: the raw logits' log-softmax (before sampling settings)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # always a JSON string
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+def _without_none(obj: BaseModel, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Fields as a dict, leaving out the optional ones that are None (``keep`` stay)."""
+    return {
+        k: getattr(obj, k)
+        for k in type(obj).model_fields
+        if getattr(obj, k) is not None or k in keep
+    }
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.tool_calls is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -397,22 +607,45 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="plain")
+    def _compact(self) -> dict[str, Any]:
+        return _without_none(self)
+
+
+class ToolCallDelta(BaseModel):
+    """The first delta of a call has id, type and name (arguments ""); then fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta | None = None
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class Delta(BaseModel):
     """ChatCompletionStreamResponseDelta: absent keys are left out, not sent as null."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
-    @model_serializer(mode="plain")
-    def _compact(self) -> dict[str, Any]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -11,8 +11,8 @@ import grpc
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
 from .engine.types import FinishReason, GenerationRequest
-from .models.base import LoadedModel
-from .validation import Defaults, messages_of, sampling_params
+from .models.base import LoadedModel, token_bytes
+from .validation import Defaults, InvalidArgument, messages_of, sampling_params
 
 if TYPE_CHECKING:  # the engine imports torch; the servicer must not (health is up first)
     from .engine.engine import Engine
@@ -64,12 +64,31 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         # Tokenizing a long conversation takes milliseconds: keep it off the event loop.
         return await asyncio.to_thread(loaded.chat_format.render, msgs)
 
+    async def _raw_prompt(self, loaded: LoadedModel, request: chat_pb2.ChatRequest) -> list[int]:
+        """The completion path: the prompt as given, no chat format."""
+        if request.messages:
+            raise InvalidArgument("messages", "must be empty with prompt or prompt_token_ids")
+        if request.prompt and request.prompt_token_ids:
+            raise InvalidArgument("prompt", "set prompt or prompt_token_ids, not both")
+        if request.prompt_token_ids:
+            vocab = loaded.tokenizer.vocab_size
+            for i, t in enumerate(request.prompt_token_ids):
+                if t >= vocab:
+                    raise InvalidArgument(
+                        f"prompt_token_ids[{i}]", f"{t} is not below the vocabulary size {vocab}"
+                    )
+            return list(request.prompt_token_ids)
+        return await asyncio.to_thread(loaded.tokenizer.encode, request.prompt)
+
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext):
         # Domain errors (bad fields, a full queue, a dead engine...) are raised as exceptions;
         # the interceptor maps them to their status through errors.STATUS_OF.
         loaded, engine = await self._ready(context)
         await self._check_model(request.model, context)
-        prompt = await self._prompt(loaded, request.messages)
+        if request.prompt or request.prompt_token_ids:
+            prompt = await self._raw_prompt(loaded, request)
+        else:
+            prompt = await self._prompt(loaded, request.messages)
         params = sampling_params(
             request,
             len(prompt),
@@ -86,6 +105,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                         raise out.error
                     return
                 msg = chat_pb2.ChatResponse(text=out.text, token_ids=out.token_ids)
+                for token_id, lp in zip(out.token_ids, out.logprobs):  # noqa: B905 - empty when off
+                    msg.logprobs.append(self._logprobs(loaded, lp, token_id))
                 if out.finish_reason is not None:
                     msg.finish_reason = _FINISH[out.finish_reason]
                     msg.usage.prompt_tokens = out.usage.prompt_tokens
@@ -94,6 +115,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             # Cancelled, deadline passed, or the client went away: free the slot at once.
             stream.abort()
+
+    @staticmethod
+    def _logprobs(loaded: LoadedModel, lp, token_id: int) -> chat_pb2.PositionLogprobs:  # noqa: ANN001
+        tok = loaded.tokenizer
+
+        def one(t: int, value: float) -> chat_pb2.TokenLogprob:
+            return chat_pb2.TokenLogprob(token_id=t, token=token_bytes(tok, t), logprob=value)
+
+        return chat_pb2.PositionLogprobs(
+            chosen=one(token_id, lp.logprob), top=[one(t, v) for t, v in lp.top]
+        )
 
     def _new_id(self) -> str:
         self._ids += 1

@@ -8,16 +8,19 @@ from dataclasses import dataclass
 from glmserve.v1 import chat_pb2
 
 from .engine.types import SamplingParams
-from .models.base import ChatMessage
+from .models.base import ChatMessage, ToolCall
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_REQUEST_ID = 128
+MAX_TOP_LOGPROBS = 20
+MAX_NAME = 256
 
 _ROLES = {
     chat_pb2.ROLE_SYSTEM: "system",
     chat_pb2.ROLE_USER: "user",
     chat_pb2.ROLE_ASSISTANT: "assistant",
+    chat_pb2.ROLE_TOOL: "tool",
 }
 
 
@@ -44,10 +47,21 @@ def messages_of(messages) -> list[ChatMessage]:  # noqa: ANN001 - repeated chat_
         if role is None:
             raise InvalidArgument(
                 f"messages[{i}].role",
-                "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"
+                "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
                 + (" (got ROLE_UNSPECIFIED)" if m.role == 0 else f" (got {m.role})"),
             )
-        out.append(ChatMessage(role, m.content))
+        if m.tool_calls and role != "assistant":
+            raise InvalidArgument(f"messages[{i}].tool_calls", "only assistant messages have them")
+        if m.tool_call_id and role != "tool":
+            raise InvalidArgument(f"messages[{i}].tool_call_id", "only tool messages have one")
+        if len(m.name) > MAX_NAME:
+            raise InvalidArgument(f"messages[{i}].name", f"at most {MAX_NAME} characters")
+        calls = []
+        for j, c in enumerate(m.tool_calls):
+            if not c.name:
+                raise InvalidArgument(f"messages[{i}].tool_calls[{j}].name", "is required")
+            calls.append(ToolCall(c.id, c.name, c.arguments or "{}"))
+        out.append(ChatMessage(role, m.content, tuple(calls), m.tool_call_id, m.name))
     return out
 
 
@@ -86,6 +100,7 @@ def sampling_params(
     _check_range("top_p", top_p, 0.0, 1.0, lo_open=True)
     repetition_penalty = req.repetition_penalty if req.HasField("repetition_penalty") else 1.0
     _check_range("repetition_penalty", repetition_penalty, 0.0, 2.0, lo_open=True)
+    _check_range("min_p", req.min_p, 0.0, 1.0)
     _check_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
     _check_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
     if req.min_tokens > max_tokens:
@@ -99,11 +114,14 @@ def sampling_params(
             raise InvalidArgument(f"stop[{i}]", f"must be 1 to {MAX_STOP_BYTES} bytes")
     if len(req.request_id) > MAX_REQUEST_ID:
         raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID} characters")
+    if req.HasField("logprobs") and req.logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument("logprobs", f"at most {MAX_TOP_LOGPROBS} (got {req.logprobs})")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(temperature),
         top_p=float(top_p),
         top_k=req.top_k if req.HasField("top_k") else 0,
+        min_p=float(req.min_p),
         repetition_penalty=float(repetition_penalty),
         presence_penalty=float(req.presence_penalty),
         frequency_penalty=float(req.frequency_penalty),
@@ -112,4 +130,5 @@ def sampling_params(
         seed=req.seed if req.HasField("seed") else None,
         stop=tuple(req.stop),
         max_tokens_requested=req.HasField("max_tokens"),
+        logprobs=req.logprobs if req.HasField("logprobs") else None,
     )

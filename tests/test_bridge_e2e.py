@@ -188,14 +188,12 @@ def test_stream_wire_format(bridge: Proc, model_id: str) -> None:
 def test_errors_through_the_sdk(client: openai.OpenAI, model_id: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
-            model=model_id,
-            messages=HI,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            model=model_id, messages=HI, tools=[{"type": "function", "function": {"name": "a b"}}]
         )
-    assert err.value.param == "tools"
+    assert err.value.param == "tools[0].function.name"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=model_id, messages=HI, logprobs=True)
-    assert err.value.param == "logprobs"
+        client.chat.completions.create(model=model_id, messages=HI, logit_bias={"1": 5})
+    assert err.value.param == "logit_bias"
     # Checked by the model server (it knows the context length), mapped to 400 with the param.
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model_id, messages=HI, max_completion_tokens=100_000)
@@ -206,7 +204,7 @@ def test_errors_through_the_sdk(client: openai.OpenAI, model_id: str) -> None:
 
 
 def test_unknown_route_is_404_envelope(bridge: Proc) -> None:
-    r = httpx.post(bridge.url + "/v1/completions", json={})
+    r = httpx.post(bridge.url + "/v1/embeddings", json={})
     assert r.status_code == 404
     assert r.json()["error"]["type"] == "invalid_request_error"
 

@@ -41,10 +41,17 @@ from http_bridge.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     ErrorResponse,
+    FunctionCall,
+    FunctionDelta,
     ResponseMessage,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
     Usage,
 )
 from http_bridge.routes.body import JSONBodyRoute
@@ -59,8 +66,19 @@ _ROLES = {
     "developer": chat_pb2.ROLE_SYSTEM,
     "user": chat_pb2.ROLE_USER,
     "assistant": chat_pb2.ROLE_ASSISTANT,
+    "tool": chat_pb2.ROLE_TOOL,
 }
-_FINISH = {chat_pb2.FINISH_REASON_STOP: "stop", chat_pb2.FINISH_REASON_LENGTH: "length"}
+_FINISH = {
+    chat_pb2.FINISH_REASON_STOP: "stop",
+    chat_pb2.FINISH_REASON_LENGTH: "length",
+    chat_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
+_TOOL_CHOICE = {
+    "none": chat_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": chat_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": chat_pb2.TOOL_CHOICE_MODE_REQUIRED,
+}
+IGNORED_HEADER = "x-glmserve-ignored-params"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,100}$")
 _DONE = format_sse_event(data_str="[DONE]")
 # Below this a temperature (or top_p) is greedy decoding in all but name, and dividing logits by
@@ -88,6 +106,27 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_IGNORED_LISTED = 32
+
+
+def ignored_header(ignored: list[str], request_id: str) -> dict[str, str]:
+    """The extra-field policy's answer: ignored fields are logged and named in a header.
+
+    Field names are client text: only plain names (``[A-Za-z0-9_.-]``, at most 64) go into
+    the header, at most :data:`MAX_IGNORED_LISTED` of them; the rest are counted."""
+    if not ignored:
+        return {}
+    log.info(
+        "request %s: ignored parameters: %s",
+        request_id,
+        ", ".join(repr(name[:64]) for name in ignored[:MAX_IGNORED_LISTED]),
+    )
+    plain = [name for name in ignored if _HEADER_NAME.match(name)][:MAX_IGNORED_LISTED]
+    others = len(ignored) - len(plain)
+    return {IGNORED_HEADER: ", ".join([*plain, *([f"+{others} more"] if others else [])])}
+
+
 class ClientGone(APIError):
     """The HTTP client disconnected; nobody will read this (499, as nginx logs it)."""
 
@@ -110,19 +149,58 @@ def grpc_requests(body: ChatCompletionRequest, completion_id: str) -> list[chat_
     """One ChatRequest per choice; choice i samples with seed + i so choices differ.
 
     A 400 when the request would be larger than the model server accepts."""
-    messages = [_message(m) for m in body.messages]
+    template = chat_pb2.ChatRequest(model=body.model, messages=[_message(m) for m in body.messages])
+    _features(body, template)
+    return sampling_requests(body, template, completion_id)
+
+
+def _features(body: ChatCompletionRequest, req: chat_pb2.ChatRequest) -> None:
+    """response_format and tools → the proto's structured_output, tools, tool_choice."""
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        req.structured_output.json_object = True
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_
+        req.structured_output.json_schema = json.dumps({} if schema is None else schema)
+    for tool in body.tools or ():
+        f = tool.function
+        req.tools.append(
+            chat_pb2.Tool(
+                name=f.name,
+                description=f.description or "",
+                parameters="" if f.parameters is None else json.dumps(f.parameters),
+                strict=bool(f.strict),
+            )
+        )
+    choice = body.tool_choice
+    if isinstance(choice, str):
+        req.tool_choice = _TOOL_CHOICE[choice]
+    elif choice is not None:
+        req.tool_choice = chat_pb2.TOOL_CHOICE_MODE_FUNCTION
+        req.tool_choice_function = choice.function.name
+
+
+def sampling_requests(
+    body: Any, template: chat_pb2.ChatRequest, completion_id: str
+) -> list[chat_pb2.ChatRequest]:
+    """``template`` (prompt and features set) with the sampling fields, once per choice."""
     requests = []
     for i in range(body.choices):
-        req = chat_pb2.ChatRequest(
-            model=body.model,
-            messages=messages,
-            stop=body.stop_list,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            min_tokens=body.min_tokens or 0,
-            ignore_eos=bool(body.ignore_eos),
-            request_id=completion_id if body.choices == 1 else f"{completion_id}-{i}",
+        req = chat_pb2.ChatRequest()
+        req.CopyFrom(template)
+        req.MergeFrom(
+            chat_pb2.ChatRequest(
+                stop=body.stop_list,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                min_tokens=body.min_tokens or 0,
+                ignore_eos=bool(body.ignore_eos),
+                request_id=completion_id if body.choices == 1 else f"{completion_id}-{i}",
+                min_p=body.min_p or 0.0,
+            )
         )
+        if body.logprob_count is not None:
+            req.logprobs = body.logprob_count
         if body.token_limit is not None:
             req.max_tokens = body.token_limit
         if body.temperature is not None:
@@ -152,7 +230,16 @@ def grpc_requests(body: ChatCompletionRequest, completion_id: str) -> list[chat_
 
 
 def _message(m: ChatMessage) -> chat_pb2.Message:
-    return chat_pb2.Message(role=_ROLES[m.role], content=m.text)
+    return chat_pb2.Message(
+        role=_ROLES[m.role],
+        content=m.text,
+        name=m.name or "",
+        tool_call_id=m.tool_call_id or "",
+        tool_calls=[
+            chat_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in m.tool_calls or ()
+        ],
+    )
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -262,12 +349,14 @@ class ChoiceCalls:
 
         return await _all_or_cancel([first(i) for i in range(len(self.calls))])
 
-    async def collect(self, i: int) -> tuple[str, chat_pb2.ChatResponse]:
-        """Read choice ``i`` to the end: (all text, the final message)."""
+    async def collect(self, i: int) -> Collected:
+        """Read choice ``i`` to the end."""
+        got = Collected()
         parts: list[str] = []
         last: chat_pb2.ChatResponse | None = None
         while (msg := await self.read(i)) is not None:
             parts.append(msg.text)
+            got.logprobs.extend(msg.logprobs)
             last = msg
         if last is None or last.finish_reason not in _FINISH:
             raise APIError(
@@ -277,7 +366,48 @@ class ChoiceCalls:
                 code="bad_backend_response",
                 retry_safe=False,
             )
-        return "".join(parts), last
+        got.text = "".join(parts)
+        got.last = last
+        return got
+
+
+@dataclass
+class Collected:
+    """One choice read to the end: its text, its last message, every position's logprobs."""
+
+    text: str = ""
+    last: chat_pb2.ChatResponse = field(default_factory=chat_pb2.ChatResponse)
+    logprobs: list[chat_pb2.PositionLogprobs] = field(default_factory=list)
+
+
+def token_logprobs(positions: Any) -> list[TokenLogprob]:
+    """Proto PositionLogprobs → OpenAI ChatCompletionTokenLogprob items."""
+    out = []
+    for p in positions:
+        out.append(
+            TokenLogprob(
+                token=p.chosen.token.decode("utf-8", errors="replace"),
+                logprob=p.chosen.logprob,
+                bytes=list(p.chosen.token),
+                top_logprobs=[
+                    TopLogprob(
+                        token=t.token.decode("utf-8", errors="replace"),
+                        logprob=t.logprob,
+                        bytes=list(t.token),
+                    )
+                    for t in p.top
+                ],
+            )
+        )
+    return out
+
+
+def tool_calls_of(msg: chat_pb2.ChatResponse) -> list[ToolCall] | None:
+    calls = [
+        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in msg.tool_calls
+    ]
+    return calls or None
 
 
 async def _all_or_cancel(aws: list[Awaitable[T]]) -> list[T]:
@@ -321,7 +451,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         request_id=request_id,
         target=backend.target,
     )
-    headers = {"x-request-id": request_id}
+    headers = {"x-request-id": request_id, **ignored_header(body.ignored_params(), request_id)}
     try:
         if body.stream:
             firsts = await until_disconnect(request, calls.all_first())
@@ -346,6 +476,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             created=created,
             model=model,
             include_usage=body.include_usage,
+            logprobs=bool(body.logprobs),
             request_id=request_id,
             drain=getattr(request.app.state, "drain", None) or Drain(),
         )
@@ -354,12 +485,19 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
     choices = []
     prompt_tokens = completion_tokens = 0
-    for i, (text, last) in enumerate(results):
+    for i, got in enumerate(results):
+        last = got.last
+        calls = tool_calls_of(last)
         choices.append(
             Choice(
                 index=i,
-                message=ResponseMessage(content=text),
+                message=ResponseMessage(
+                    content=None if calls and not got.text else got.text, tool_calls=calls
+                ),
                 finish_reason=_FINISH[last.finish_reason],
+                logprobs=(
+                    ChoiceLogprobs(content=token_logprobs(got.logprobs)) if body.logprobs else None
+                ),
             )
         )
         prompt_tokens = prompt_tokens or last.usage.prompt_tokens  # the prompt is shared
@@ -440,6 +578,7 @@ class ChatStream:
     model: str
     include_usage: bool
     request_id: str
+    logprobs: bool = False
     drain: Drain = field(default_factory=Drain)  # the CLI's; in-process tests never drain
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
@@ -501,8 +640,28 @@ class ChatStream:
                 if isinstance(item, BaseException):
                     raise item
                 rooms[i].release()
-                if item.text:
-                    yield self._chunk([ChunkChoice(index=i, delta=Delta(content=item.text))])
+                if item.text or (self.logprobs and item.logprobs):
+                    lp = ChoiceLogprobs(content=token_logprobs(item.logprobs))
+                    yield self._chunk(
+                        [
+                            ChunkChoice(
+                                index=i,
+                                delta=Delta(content=item.text),
+                                logprobs=lp if self.logprobs else None,
+                            )
+                        ]
+                    )
+                for k, call in enumerate(item.tool_calls):
+                    # The spec's order: id, type and name first; then argument fragments.
+                    head = ToolCallDelta(
+                        index=k,
+                        id=call.id,
+                        type="function",
+                        function=FunctionDelta(name=call.name, arguments=""),
+                    )
+                    yield self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[head]))])
+                    body = ToolCallDelta(index=k, function=FunctionDelta(arguments=call.arguments))
+                    yield self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[body]))])
                 if item.finish_reason in _FINISH:
                     finished[i] = True
                     prompt_tokens = prompt_tokens or item.usage.prompt_tokens

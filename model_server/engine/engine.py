@@ -31,7 +31,7 @@ from ..models.base import LoadedModel
 from . import kv
 from .blocks import PrefixIndex
 from .runner import ModelRunner, kv_bytes_per_token, weight_bytes
-from .sampling import PenaltyState
+from .sampling import PenaltyState, TokenLogprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .store import KVStore, Lane
@@ -409,7 +409,7 @@ class Engine:
                 continue
             # Cached now, not when it finishes: a shared system prompt helps the next request.
             self._cache_prefix(s, cache, mask, i)
-            if self._append(s, token):
+            if self._append(s, token, result.logprobs.get(i)):
                 self.scheduler.finished(s)
             else:
                 joining.append(i)
@@ -490,7 +490,7 @@ class Engine:
             if token is None:
                 done.append(s)
                 s.abort(RowFailedError(result.failed[i]))
-            elif self._append(s, token):
+            elif self._append(s, token, result.logprobs.get(i)):
                 if not s.failed:
                     self._cache_prefix(s, lane.cache, lane.mask, i)
                 done.append(s)
@@ -499,10 +499,10 @@ class Engine:
             for s in done:
                 self.scheduler.finished(s)
 
-    def _append(self, seq: Sequence, token: int) -> bool:
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> bool:
         """Adds a token; True when the request is done (finished, or failed alone)."""
         try:
-            return seq.append_token(token, self.loaded.eos_token_ids)
+            return seq.append_token(token, self.loaded.eos_token_ids, logprobs)
         except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer bug: this request only
             log.exception("appending a token failed")
             seq.failed = True

@@ -1,7 +1,7 @@
 """Batched sampling where every row keeps its own parameters and its own random stream.
 
 One call handles a whole lane of the running batch: penalties, eos suppression, temperature,
-top-k, top-p are applied as tensor ops over [B, V]; only the final draw loops over rows, so
+top-k, top-p, min-p are applied as tensor ops over [B, V]; only the final draw loops over rows, so
 each request's seeded ``torch.Generator`` gives the same tokens whatever else is in the batch.
 
 Isolation: one row can never fail another. Values that would overflow are clamped (a
@@ -199,4 +199,9 @@ def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
         drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+    if bool((min_p > 0).any()):
+        # p < min_p * p_max  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps all.
+        floor = logits.max(dim=-1, keepdim=True).values + min_p.log()
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits.softmax(dim=-1)

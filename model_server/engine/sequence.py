@@ -10,7 +10,7 @@ import torch
 
 from ..models.base import TextFilter, Tokenizer
 from .detokenizer import IncrementalDetokenizer
-from .sampling import RowSampling
+from .sampling import RowSampling, TokenLogprobs
 from .stop import StopStringMatcher
 from .types import EngineObserver, FinishReason, GenerationRequest, StepOutput, Usage
 
@@ -58,7 +58,10 @@ class Sequence:
                 generator.manual_seed(self.params.seed)
             else:
                 generator.seed()
-        self.sampling = RowSampling(self.params, generator, 0)
+        self.sampling = RowSampling(self.params, generator, 0, logprobs=self.params.logprobs)
+        self.constraint = request.constraint
+        if self.constraint is not None:
+            self.sampling.logit_masks.append(self.constraint.mask)
 
     @property
     def request_id(self) -> str:
@@ -81,9 +84,16 @@ class Sequence:
         self.prefix_hit = []
         self.cached_blocks = 0
 
-    def append_token(self, token: int, eos_token_ids: frozenset[int]) -> bool:
+    def append_token(
+        self,
+        token: int,
+        eos_token_ids: frozenset[int],
+        logprobs: TokenLogprobs | None = None,
+    ) -> bool:
         """Adds a sampled token, emits its text; returns True when the request is finished."""
         now = time.perf_counter()
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if self.first_token_at is None:
             self.first_token_at = now
         self.output_ids.append(token)
@@ -106,6 +116,8 @@ class Sequence:
             if finish is not None:
                 text += self._filter.flush()
         out = StepOutput(text=text, token_ids=[token])
+        if logprobs is not None:
+            out.logprobs.append(logprobs)
         if finish is not None:
             self._finish(out, finish, now)
         self.emit(out)

@@ -25,6 +25,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -35,6 +36,8 @@ class SamplingParams:
     # False when the client set no max_tokens (max_tokens is then the rest of the context):
     # such a request is refused only when its prompt alone can never fit the KV pool.
     max_tokens_requested: bool = True
+    # Log-probabilities of each generated token plus this many top alternatives; None: off.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +57,9 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    # Grammar-constrained decoding: a fresh per-request matcher (grammar.GrammarMatcher), made
+    # from a grammar compiled before admission; it is advanced on the engine thread only.
+    constraint: object | None = None
 
 
 @dataclass
@@ -68,6 +74,8 @@ class StepOutput:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    # With SamplingParams.logprobs: one sampling.TokenLogprobs per id in token_ids.
+    logprobs: list = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     # Set on the last output, for logs and metrics.

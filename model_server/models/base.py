@@ -57,6 +57,35 @@ class ChatMessage:
     name: str = ""
 
 
+def fold_late_system(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """For formats with a system turn only at the start: the leading system messages stay;
+    a later one is merged into the next user message (``system + "\n\n" + user``), or, when
+    no user message follows (NextChat sends its summary instruction last), becomes a user
+    message there (joined to a user message right before it)."""
+    out: list[ChatMessage] = []
+    pending: list[str] = []
+    leading = True
+    for m in messages:
+        if m.role == "system" and leading:
+            out.append(m)
+            continue
+        leading = False
+        if m.role == "system":
+            pending.append(m.content)
+        elif m.role == "user" and pending:
+            out.append(ChatMessage("user", "\n\n".join([*pending, m.content]), name=m.name))
+            pending = []
+        else:
+            out.append(m)
+    if pending:
+        text = "\n\n".join(pending)
+        if out and out[-1].role == "user":
+            text = out[-1].content + "\n\n" + text
+            out.pop()
+        out.append(ChatMessage("user", text))
+    return out
+
+
 class ConversationError(ValueError):
     """The chat format cannot express this conversation (→ INVALID_ARGUMENT)."""
 
@@ -79,6 +108,18 @@ class Tokenizer(Protocol):
         """Ids → text, special tokens skipped. Incomplete UTF-8 at the end shows as U+FFFD."""
         ...
 
+    # Optional: ``token_bytes(token_id) -> bytes``, the raw bytes one token stands for (part of
+    # a UTF-8 character, say). Logprobs and grammar engines use it; without it they fall back
+    # to ``decode([token_id])`` (see :func:`token_bytes`).
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes of one token: the tokenizer's ``token_bytes`` when it has one."""
+    exact = getattr(tokenizer, "token_bytes", None)
+    if exact is not None:
+        return exact(token_id)
+    return tokenizer.decode([token_id]).encode()
+
 
 class TextFilter(Protocol):
     """Streaming post-processing of the reply (e.g. ChatGLM2's strip/replace).
@@ -92,11 +133,43 @@ class TextFilter(Protocol):
     def flush(self) -> str: ...
 
 
-class ChatFormat(Protocol):
-    """Turns a conversation into prompt token ids, the way this model was trained."""
+class ToolCallParser(Protocol):
+    """Finds a model's own tool calls in its reply (e.g. ChatGLM3's, Hermes' ``<tool_call>``).
 
-    def render(self, messages: Sequence[ChatMessage]) -> list[int]:
+    Stateful, one per request, fed the reply's text as it streams (after ``reply_filter``):
+    ``feed`` returns the text that may go to the client now (never any part of a call; it may
+    hold text back while it could still be the start of one), ``finish`` is called once at the
+    end and returns the rest of the plain text and the calls found (ids may be empty: the
+    server makes them). A reply that is not a call must come out unchanged, joined.
+    """
+
+    def feed(self, text: str) -> str: ...
+
+    def finish(self) -> tuple[str, list[ToolCall]]: ...
+
+
+class ChatFormat(Protocol):
+    """Turns a conversation into prompt token ids, the way this model was trained.
+
+    Tools: ``render(messages, tools)`` gets the tools the model may call (None or empty: no
+    tools; the format must then render as before). A format that knows a native tool format
+    renders them as the model was trained to see them (ChatGLM3: in the system turn;
+    transformers templates: their ``tools`` variable), renders assistant ``tool_calls`` and
+    ``tool`` results the same way, and returns a parser from ``tool_call_parser()``. A format
+    whose ``tool_call_parser()`` returns None (or that lacks the method) has no native tool
+    format: the server then uses its generic one (``model_server/tools.py``): the tools are
+    described in a system message, the reply is constrained to JSON, and the calls are read
+    from it. Such a format gets ``tools=None`` and never sees a ``tool`` message.
+    """
+
+    def render(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] | None = None
+    ) -> list[int]:
         """Prompt ids ending where the assistant's reply starts. Raises ConversationError."""
+        ...
+
+    def tool_call_parser(self) -> ToolCallParser | None:
+        """A fresh parser for one reply, or None when the model has no native tool format."""
         ...
 
     def reply_filter(self) -> TextFilter | None:

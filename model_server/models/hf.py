@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
-from .base import ChatMessage, ConversationError, LoadedModel, ModelLoadError, TextFilter
+from .base import (
+    ChatMessage,
+    ConversationError,
+    LoadedModel,
+    ModelLoadError,
+    TextFilter,
+    ToolCallParser,
+    ToolSpec,
+    fold_late_system,
+)
+from .hermes import HermesToolParser
+from .vocab import token_bytes_table
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +33,29 @@ class HFTokenizer:
 
     def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any transformers tokenizer
         self._tok = tokenizer
+        self._bytes: list[bytes] | None = None
 
     @property
     def vocab_size(self) -> int:
         return len(self._tok)
+
+    @property
+    def hf(self):  # noqa: ANN201 - the transformers tokenizer (grammar engines build on it)
+        return self._tok
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (see vocab.py); built once, on first use."""
+        if self._bytes is None:
+            specials = frozenset(self._tok.all_special_ids) | frozenset(
+                i for i, t in self._tok.added_tokens_decoder.items() if t.special
+            )
+            decoder = getattr(getattr(self._tok, "backend_tokenizer", None), "decoder", None)
+            byte_level = "ByteLevel" in type(decoder).__name__ or "ByteLevel" in repr(decoder)
+            pieces = self._tok.convert_ids_to_tokens(list(range(len(self._tok))))
+            self._bytes = token_bytes_table(pieces, byte_level, specials.__contains__)
+        if 0 <= token_id < len(self._bytes):
+            return self._bytes[token_id]
+        return b""
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -52,24 +84,44 @@ class TemplateChatFormat:
         self._special_ids = frozenset(
             i for i, t in tokenizer.added_tokens_decoder.items() if t.special
         )
+        self._special_texts = frozenset(
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+        )
+        template = tokenizer.chat_template
+        template = template if isinstance(template, str) else json.dumps(template)
+        # A template that takes a `tools` list and spells calls as <tool_call> JSON.
+        self.native_tools = "tools" in template and "<tool_call>" in template
         # A private copy that always spells special-token names as text. Not the shared
         # tokenizer's split_special_tokens flag: that is state on the shared Rust object, and
         # renders run on several threads.
         self._plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._plain.encode_special_tokens = True
 
-    def render(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def render(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] | None = None
+    ) -> list[int]:
         if not messages:
             raise ConversationError("messages: at least one message is required")
-        if messages[-1].role != "user":
+        if messages[-1].role == "assistant":
             raise ConversationError(
-                f"messages: the last message must be from the user (got {messages[-1].role})"
+                "messages: the last message must be from the user, system or tool (got assistant)"
             )
+        self._check_no_specials(messages, tools)
+        try:
+            text = self._apply(messages, [m.content for m in messages], tools)
+        except ConversationError:
+            folded = fold_late_system(messages)
+            if len(folded) == len(messages) and all(
+                a is b for a, b in zip(folded, messages, strict=True)
+            ):
+                raise
+            # The template refuses a system turn after the first: merge it (see base.py).
+            messages = folded
+            text = self._apply(messages, [m.content for m in messages], tools)
         contents = [m.content for m in messages]
-        text = self._apply(messages, contents)
         # Same conversation with each content replaced by a marker: the template's markup alone.
         markers = [f"{_MARKER}{i}{_MARKER}" for i in range(len(messages))]
-        skeleton = self._apply(messages, markers)
+        skeleton = self._apply(messages, markers, tools)
         enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids: list[int] = list(enc["input_ids"])
         spans = _content_spans(skeleton, markers, contents, text)
@@ -106,18 +158,69 @@ class TemplateChatFormat:
             pos = end
         return out
 
-    def _apply(self, messages: Sequence[ChatMessage], contents: Sequence[str]) -> str:
+    def _apply(
+        self,
+        messages: Sequence[ChatMessage],
+        contents: Sequence[str],
+        tools: Sequence[ToolSpec] | None,
+    ) -> str:
+        turns = [_turn(m, c) for m, c in zip(messages, contents, strict=True)]
+        kwargs = {"tools": [t.openai() for t in tools]} if tools else {}
         try:
             return self._tok.apply_chat_template(
-                [{"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)],
-                tokenize=False,
-                add_generation_prompt=True,
+                turns, tokenize=False, add_generation_prompt=True, **kwargs
             )
         except Exception as exc:  # jinja's raise_exception() in templates that check roles
             raise ConversationError(f"messages: the chat template rejected them: {exc}") from exc
 
+    def _check_no_specials(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] | None
+    ) -> None:
+        """Tool definitions and calls are rendered as markup, so the content check below
+        cannot see a special token typed into them: refuse those outright."""
+        texts = [json.dumps(t.openai(), ensure_ascii=False) for t in tools or ()]
+        texts += [f"{c.id}{c.name}{c.arguments}" for m in messages for c in m.tool_calls]
+        texts += [m.tool_call_id + m.name for m in messages]
+        for text in texts:
+            if any(special in text for special in self._special_texts):
+                raise ConversationError(
+                    "messages: a tool name, call or definition contains a special token of "
+                    "this model"
+                )
+
     def reply_filter(self) -> TextFilter | None:
         return None
+
+    def tool_call_parser(self) -> ToolCallParser | None:
+        """Hermes-style ``<tool_call>{json}</tool_call>`` for templates that take ``tools``
+        and spell calls that way (Qwen2.5, Hermes, ...); None otherwise (generic format)."""
+        return HermesToolParser() if self.native_tools else None
+
+
+def _turn(m: ChatMessage, content: str) -> dict[str, Any]:
+    """A message as transformers chat templates take it (arguments as an object)."""
+    turn: dict[str, Any] = {"role": m.role, "content": content}
+    if m.tool_calls:
+        turn["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        turn["tool_call_id"] = m.tool_call_id
+    if m.name:
+        turn["name"] = m.name
+    return turn
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 # Stands for a message's content while the template renders: private-use characters, so no
