@@ -74,6 +74,19 @@ def test_several_system_messages_are_joined(fmt):
     assert to_rounds([S("a"), S("b"), U("q")]) == ("a\nbq", [])
 
 
+def test_system_messages_later_in_the_conversation_join_the_next_user_message():
+    msgs = [U("q1"), A("a1"), S("from now on, be brief"), U("q2")]
+    assert to_rounds(msgs) == ("from now on, be brief\nq2", [("q1", "a1")])
+    # Last (NextChat's summary instruction): a user message of its own, or merged into one.
+    assert to_rounds([U("q1"), A("a1"), S("summarize")]) == ("summarize", [("q1", "a1")])
+    assert to_rounds([U("q1"), S("in one line")]) == ("q1\nin one line", [])
+    # Leading system text still goes in front of the current query.
+    assert to_rounds([S("SYS"), U("q1"), A("a1"), S("late"), U("q2")]) == (
+        "SYSlate\nq2",
+        [("q1", "a1")],
+    )
+
+
 def test_consecutive_same_role_messages_are_merged():
     query, history = to_rounds([U("x"), U("y"), A("1"), A("2"), U("z")])
     assert (query, history) == ("z", [("x\ny", "1\n2")])
@@ -86,7 +99,6 @@ def test_consecutive_same_role_messages_are_merged():
         ([S("only system")], "at least one user message"),
         ([U("q"), A("a")], "last message must come from the user"),
         ([A("hello"), U("q")], "first non-system message must come from the user"),
-        ([U("q"), S("late"), U("q2")], r"messages\[1\]: a system message must come before"),
     ],
 )
 def test_inexpressible_histories_raise(fmt, messages, message):

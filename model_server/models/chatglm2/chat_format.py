@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from model_server.models.base import ChatMessage, ConversationError
+from model_server.models.base import ChatMessage, ConversationError, ToolSpec
 from model_server.models.chatglm2.tokenizer import ChatGLM2Tokenizer
 
 PLACEHOLDER = "[[训练时间]]"
@@ -32,29 +32,39 @@ def to_rounds(
     """OpenAI-style messages → (query, history) for :func:`build_prompt`.
 
     Rules (documented in docs/chatglm2.md):
-    - system messages are allowed only before the first user/assistant message; several are
-      joined with "\\n". Their text goes directly in front of a user query, with no separator:
-      the current (last) one by default, as the original demo did, or the first one.
+    - leading system messages (before any user/assistant message) are joined with "\\n"; their
+      text goes directly in front of a user query, with no separator: the current (last) one
+      by default, as the original demo did, or the first one;
+    - a system message later in the conversation (ChatGLM2 has no system role) becomes part
+      of the next user message, in front of it, joined with "\\n"; with no user message after
+      it (NextChat sends its summary instruction last) it is a user message itself;
     - consecutive messages of the same role are merged, joined with "\\n";
     - after that, the conversation must start with a user message and end with one.
     """
     systems: list[str] = []
     turns: list[list[str]] = []  # [role, content] runs, same-role messages merged
+    late: list[str] = []  # system text waiting for the next user message
     for idx, msg in enumerate(messages):
-        if msg.role == "system":
-            if turns:
-                raise ConversationError(
-                    f"messages[{idx}]: a system message must come before any user or assistant "
-                    "message (ChatGLM2 has no system role)"
-                )
-            systems.append(msg.content)
-        elif msg.role in ("user", "assistant"):
-            if turns and turns[-1][0] == msg.role:
-                turns[-1][1] += "\n" + msg.content
-            else:
-                turns.append([msg.role, msg.content])
-        else:  # pragma: no cover - RoleName is a Literal, but callers may be sloppy
-            raise ConversationError(f"messages[{idx}]: unknown role {msg.role!r}")
+        role, content = msg.role, msg.content
+        if role == "system":
+            (late if turns else systems).append(content)
+            continue
+        if role not in ("user", "assistant"):
+            raise ConversationError(
+                f"messages[{idx}]: role {role!r} is not supported by ChatGLM2 (no tools)"
+            )
+        if role == "user" and late:
+            content = "\n".join([*late, content])
+            late = []
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + content
+        else:
+            turns.append([role, content])
+    if late:
+        if turns and turns[-1][0] == "user":
+            turns[-1][1] += "\n" + "\n".join(late)
+        else:
+            turns.append(["user", "\n".join(late)])
     if not turns:
         raise ConversationError("the conversation needs at least one user message")
     if turns[0][0] != "user":
@@ -134,9 +144,18 @@ class ChatGLM2ChatFormat:
         query, history = to_rounds(messages, self.system_into)
         return build_prompt(query, history)
 
-    def render(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """``[gMASK], sop`` + SentencePiece ids of the prompt. Raises ConversationError."""
+    def render(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] | None = None
+    ) -> list[int]:
+        """``[gMASK], sop`` + SentencePiece ids of the prompt. Raises ConversationError.
+
+        ChatGLM2 has no tool format (``tool_call_parser`` is None), so ``tools`` is always
+        None here: the server describes tools generically instead.
+        """
         return self.tokenizer.prompt_prefix + self.tokenizer.encode(self.prompt_text(messages))
+
+    def tool_call_parser(self) -> None:
+        return None
 
     def reply_filter(self) -> ReplyFilter:
         return ReplyFilter()
