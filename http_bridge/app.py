@@ -32,6 +32,12 @@ from http_bridge.settings import Settings
 log = logging.getLogger("http_bridge")
 
 STATIC_DIR = Path(__file__).parent / "static"
+# OpenAI's rate-limit headers (limits.py sets them): CORS must name each one to expose it.
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{what}-{kind}"
+    for what in ("limit", "remaining", "reset")
+    for kind in ("requests", "tokens")
+)
 
 
 def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) -> FastAPI:
@@ -92,7 +98,12 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["authorization", "content-type", "x-request-id"],
-            expose_headers=["x-request-id"],
+            # What a browser client may read: the id, and when and how far to back off.
+            expose_headers=[
+                "x-request-id",
+                "retry-after",
+                *RATE_LIMIT_HEADERS,
+            ],
             max_age=600,
         )
     flat_routes = [r for m in (chat, models, health, metrics) for r in m.router.routes]

@@ -1,24 +1,35 @@
-"""The bridge's one gRPC channel to the model server(s).
+"""The bridge's channels to the model servers, and where each call goes.
 
-Resilience comes from grpc itself, not from loops of ours:
-- ``round_robin`` over all targets, with client-side health checking (``healthCheckConfig``,
-  the ``grpc.health.v1`` Watch stream): a backend that is down, loading or draining gets no calls;
-- a retry policy for ``UNAVAILABLE`` only. gRPC commits a call once the server answers
-  (headers or a message), so a retry can only happen before any token was produced, and the
-  round-robin picker sends it to the next healthy backend;
-- channel reconnect with a short maximum backoff, so a restarted backend is used again within
-  seconds; and ``wait_for_ready=False``, so while nothing is up a call fails fast (→ 503).
+One grpc channel per model-server address (``Endpoint``), so the bridge, not grpc, picks the
+backend of every call:
+- addresses come from targets.py; DNS names are resolved again every
+  ``--backend-resolve-seconds``: a pod that starts later gets traffic, and one that leaves DNS
+  takes no new calls and is closed once its calls are done (its own drain finishes them);
+- each channel health-checks its server (``healthCheckConfig``, the ``grpc.health.v1`` Watch
+  stream), so it is READY only while that server reports SERVING (not loading, not draining);
+- ``--backend-routing least-loaded`` (default) sends a call to the READY backend with the
+  fewest of this bridge's calls in flight, ``round-robin`` to the next one. With skewed
+  request lengths round robin piles long requests onto one server (bench/routing.py);
+- a call moves to another backend until its first message (``RoutedCall``): a server that does
+  not accept it (send its response headers, which it does before queueing) within
+  ``--backend-accept-timeout`` is frozen or cut off, one that answers UNAVAILABLE is draining
+  or gone. After a message it stays: a retry could generate twice;
+- keepalive pings close the connection to a server that stops answering (SIGSTOP, a dead
+  host), so its channel leaves READY; reconnects back off at most
+  ``max_reconnect_backoff_seconds``; ``wait_for_ready=False``, so with nothing up a call fails
+  fast (503).
 
 Security (``--backend-ca``/``--backend-cert``/``--backend-key``, ``--backend-token-file``): TLS
-is a property of the channel, so the health checks run over it too. The token goes as per-call
-metadata from the few methods below, every RPC the bridge makes: unlike call credentials it
-also works on a plaintext channel, and unlike a client interceptor it leaves the call objects
-the routes handle as grpc makes them.
+is a property of the channels, so the health checks run over it too; an address found under a
+DNS name is checked against that name's certificate. The token goes as per-call metadata from
+the few methods below, every RPC the bridge makes: unlike call credentials it also works on a
+plaintext channel.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -30,6 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 from http_bridge.settings import Settings
+from http_bridge.targets import Address, Source, parse_target, resolve
 
 log = logging.getLogger("http_bridge.backend")
 
@@ -37,67 +49,28 @@ SERVICE = "glmserve.v1.ChatService"
 # Short RPCs the bridge makes on its own behalf (ListModels, health) never wait this long.
 CONTROL_TIMEOUT = 5.0
 MODEL_CACHE_SECONDS = 30.0
+# How long a silent connection may take to answer a keepalive ping before it is closed.
+KEEPALIVE_TIMEOUT_MS = 5_000
+_STATE_RANK = {
+    grpc.ChannelConnectivity.READY: 0,
+    grpc.ChannelConnectivity.IDLE: 1,
+    grpc.ChannelConnectivity.CONNECTING: 1,
+}
 
 
-def channel_target(targets: Sequence[str]) -> str:
-    """One grpc target for all backends.
-
-    A single target is used as given (``host:port``, ``dns:///name:port``, ``unix:...``); a DNS
-    name that resolves to several addresses is load-balanced too. Several targets must be IP
-    literals (or ``localhost``) and become one ``ipv4:``/``ipv6:`` address list, which is the
-    form grpc's resolver offers for a static set of addresses.
-    """
-    targets = [t.strip() for t in targets if t.strip()]
-    if not targets:
+def parse_targets(targets: Sequence[str]) -> list[Source]:
+    """Every ``--backend`` value parsed (ValueError on the first bad one)."""
+    sources = [parse_target(t) for t in targets if t.strip()]
+    if not sources:
         raise ValueError("no backend target given")
-    if len(targets) == 1:
-        return targets[0]
-    v4: list[str] = []
-    v6: list[str] = []
-    for target in targets:
-        host, sep, port = target.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ValueError(f"backend {target!r}: expected host:port")
-        if host == "localhost":
-            host = "127.0.0.1"
-        bracketed = host.startswith("[") and host.endswith("]")
-        try:
-            ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
-        except ValueError:
-            raise ValueError(
-                f"backend {target!r}: with several --backend targets each must be an IP address "
-                "(or localhost); for DNS-based discovery pass one name that resolves to all "
-                "backends, e.g. dns:///model-server:50051"
-            ) from None
-        if ip.version == 4:
-            v4.append(f"{ip}:{port}")
-        else:
-            v6.append(f"[{ip}]:{port}")
-    if v4 and v6:
-        raise ValueError("--backend targets must be all IPv4 or all IPv6")
-    return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+    return sources
 
 
 def service_config(settings: Settings) -> dict:
-    """round_robin + client-side health checks + retry on UNAVAILABLE (see module docstring)."""
-    attempts = min(5, max(2, len(settings.backends) + 1))
+    """One address per channel: round_robin over it only for its client-side health checks."""
     return {
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": settings.health_service},
-        "methodConfig": [
-            {
-                "name": [{"service": SERVICE}],
-                "retryPolicy": {
-                    "maxAttempts": attempts,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "0.5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-        # Stop retrying when most calls fail (every backend down): no retry storms.
-        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.5},
     }
 
 
@@ -105,7 +78,9 @@ def channel_options(settings: Settings) -> list[tuple[str, int | str]]:
     backoff_ms = int(settings.max_reconnect_backoff_seconds * 1000)
     options: list[tuple[str, int | str]] = [
         ("grpc.service_config", json.dumps(service_config(settings))),
-        ("grpc.enable_retries", 1),
+        # Moving a call to another backend is ours (RoutedCall): grpc retrying on the same
+        # address would only delay it.
+        ("grpc.enable_retries", 0),
         ("grpc.initial_reconnect_backoff_ms", min(250, backoff_ms)),
         ("grpc.min_reconnect_backoff_ms", min(250, backoff_ms)),
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
@@ -113,9 +88,11 @@ def channel_options(settings: Settings) -> list[tuple[str, int | str]]:
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ]
     if settings.keepalive_seconds > 0:
+        # The health Watch keeps a call open, so pings flow on idle channels too. The model
+        # server accepts a ping every 5 s at most (min_ping_interval_without_data).
         options += [
             ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.http2.max_pings_without_data", 0),
         ]
     return options
@@ -153,15 +130,147 @@ def read_token(path: str) -> str:
     return _read("--backend-token-file", path).decode().strip()
 
 
+def unavailable(details: str) -> grpc.aio.AioRpcError:
+    """An UNAVAILABLE error made here (no backend to send to), read like a backend's."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details
+    )
+
+
+class Endpoint:
+    """One model server: its channel, stubs, and this bridge's calls in flight there."""
+
+    def __init__(
+        self,
+        address: Address,
+        settings: Settings,
+        credentials: grpc.ChannelCredentials | None,
+    ) -> None:
+        self.address = address
+        options = channel_options(settings)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address.target, options=options)
+        else:
+            if address.tls_name:
+                options.append(("grpc.ssl_target_name_override", address.tls_name))
+            self.channel = grpc.aio.secure_channel(address.target, credentials, options)
+        self.chat = chat_pb2_grpc.ChatServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.in_flight = 0
+        self.retiring = False  # gone from DNS: no new calls, closed when in_flight is 0
+        self.closed = False
+        self.channel.get_state(try_to_connect=True)
+
+    @property
+    def target(self) -> str:
+        return self.address.target
+
+    def rank(self) -> int:
+        """0 READY (connected, SERVING), 1 on its way, 2 failing."""
+        return _STATE_RANK.get(self.channel.get_state(try_to_connect=True), 2)
+
+    def track(self, call: grpc.aio.Call) -> None:
+        self.in_flight += 1
+        call.add_done_callback(self._done)
+
+    def _done(self, call: grpc.aio.Call) -> None:
+        self.in_flight -= 1
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.channel.close(grace=None)
+
+
+class RoutedCall:
+    """One Chat stream. Until its first message it may move to another backend (see the
+    module docstring); each backend is tried at most once."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        request: chat_pb2.ChatRequest,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._backend = backend
+        self._request = request
+        self._metadata = metadata
+        self._deadline = time.monotonic() + backend.settings.request_timeout
+        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._tried: list[Endpoint] = []
+        self._error: grpc.aio.AioRpcError | None = None
+        self._received = False
+        self._cancelled = False
+        self.target = ""  # the backend now serving it (logs)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def read(self) -> chat_pb2.ChatResponse | object:
+        """The next message, or ``grpc.aio.EOF``; raises the call's AioRpcError."""
+        while True:
+            if self._call is None:
+                await self._place()
+            assert self._call is not None
+            try:
+                msg = await self._call.read()
+            except grpc.aio.AioRpcError as err:
+                if self._received or self._cancelled or err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.info("moving a call off %s: %s", self.target, err.details())
+                self._error, self._call = err, None
+                continue
+            if msg is not grpc.aio.EOF:
+                self._received = True
+            return msg
+
+    async def _place(self) -> None:
+        accept_timeout = self._backend.settings.backend_accept_timeout
+        while True:
+            endpoint = self._backend.pick(exclude=self._tried)
+            remaining = self._deadline - time.monotonic()
+            if endpoint is None or remaining <= 0:
+                raise self._error or unavailable("no model server is available")
+            self._tried.append(endpoint)
+            # With nowhere else to go, a slow accept is waited for (the idle timeout bounds it).
+            timeout = accept_timeout if self._backend.others(self._tried) else None
+            call = endpoint.chat.Chat(
+                self._request, timeout=remaining, metadata=self._metadata, wait_for_ready=False
+            )
+            endpoint.track(call)
+            self._call, self.target = call, endpoint.target
+            try:
+                async with asyncio.timeout(timeout):
+                    await call.initial_metadata()  # also returns when the call ends
+                return
+            except TimeoutError:
+                call.cancel()
+                self._call = None
+                log.warning(
+                    "%s did not accept a call within %g s (frozen?); trying another backend",
+                    endpoint.target,
+                    accept_timeout,
+                )
+                self._error = unavailable(
+                    f"no model server accepted the call in {accept_timeout:g} s"
+                )
+
+
 class Backend:
-    """Owns the channel (opened in the app's lifespan) and the few RPCs the routes need."""
+    """Owns the endpoints (opened in the app's lifespan), picks one per call, and makes the
+    few RPCs the routes need."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.target = channel_target(settings.backends)
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: chat_pb2_grpc.ChatServiceStub | None = None
-        self._health: health_pb2_grpc.HealthStub | None = None
+        self.sources = parse_targets(settings.backends)
+        self.target = ",".join(s.text for s in self.sources)  # for logs
+        self._endpoints: dict[str, Endpoint] = {}
+        self._resolved: dict[Source, list[Address]] = {}
+        self._turn = 0
+        self._refresher: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self._models: list[chat_pb2.ModelInfo] = []
         self._models_at = 0.0
         # Read now, so a bad file stops the bridge at start (create_app), not at the first call.
@@ -174,46 +283,97 @@ class Backend:
         return self._auth + ((("x-request-id", request_id),) if request_id else ())
 
     async def start(self) -> None:
-        """Create the channel (needs the running loop) and start connecting right away."""
-        options = channel_options(self.settings)
-        if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options)
-        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._channel.get_state(try_to_connect=True)
-        log.info("backend channel to %s", self.target)
+        """Open the fixed endpoints, resolve the names once, and keep resolving them."""
+        await self.refresh()
+        if any(s.resolved for s in self.sources):
+            self._refresher = asyncio.create_task(self._keep_resolving())
+        log.info("backends: %s", ", ".join(self._endpoints) or "none resolved yet")
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close(grace=None)
-            self._channel = None
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await asyncio.gather(*(e.close() for e in self._endpoints.values()))
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        self._endpoints.clear()
 
-    @property
-    def stub(self) -> chat_pb2_grpc.ChatServiceStub:
-        if self._stub is None:
-            raise RuntimeError("Backend.start() was not called")
-        return self._stub
+    async def _keep_resolving(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.backend_resolve_seconds)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Resolve every name again; a failure or an empty answer keeps what it had."""
+        for source in self.sources:
+            try:
+                found = await resolve(source)
+            except OSError as err:
+                log.warning("cannot resolve backend %s: %s", source.text, err)
+                continue
+            if found:
+                self._resolved[source] = found
+            elif source not in self._resolved:
+                log.warning("backend %s resolves to no address", source.text)
+        self._sync()
+
+    def _sync(self) -> None:
+        wanted = {a.target: a for found in self._resolved.values() for a in found}
+        for target, address in wanted.items():
+            endpoint = self._endpoints.get(target)
+            if endpoint is None or endpoint.closed:
+                self._endpoints[target] = Endpoint(address, self.settings, self._credentials)
+                log.info("backend %s added", target)
+            elif endpoint.retiring:
+                endpoint.retiring = False
+        for target, endpoint in list(self._endpoints.items()):
+            if target not in wanted and not endpoint.retiring:
+                endpoint.retiring = True
+                log.info(
+                    "backend %s left DNS; closing it after its %d calls", target, endpoint.in_flight
+                )
+            if endpoint.retiring and endpoint.in_flight == 0:
+                del self._endpoints[target]
+                task = asyncio.get_running_loop().create_task(endpoint.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints that take new calls."""
+        return [e for e in self._endpoints.values() if not e.retiring]
+
+    def others(self, exclude: Sequence[Endpoint]) -> bool:
+        """Whether some endpoint outside ``exclude`` takes calls."""
+        return any(e not in exclude for e in self.endpoints())
+
+    def pick(self, exclude: Sequence[Endpoint] = ()) -> Endpoint | None:
+        """Where the next call goes: among the best-connected endpoints (READY first), the one
+        with the fewest calls in flight (least-loaded) or the next in turn (round-robin); ties
+        go round in turn, so equal loads spread."""
+        ranked = [(e.rank(), e) for e in self.endpoints() if e not in exclude]
+        if not ranked:
+            return None
+        best = min(rank for rank, _ in ranked)
+        pool = [e for rank, e in ranked if rank == best]
+        if self.settings.backend_routing == "least-loaded":
+            low = min(e.in_flight for e in pool)
+            pool = [e for e in pool if e.in_flight == low]
+        self._turn += 1
+        return pool[self._turn % len(pool)]
 
     def available(self) -> bool:
-        """True when the channel has a healthy backend (health checks gate READY)."""
-        if self._channel is None:
-            return False
-        state = self._channel.get_state(try_to_connect=True)
-        return state == grpc.ChannelConnectivity.READY
+        """True when some backend is connected and SERVING (health checks gate READY)."""
+        return any(e.rank() == 0 for e in self.endpoints())
 
-    def chat(self, request: chat_pb2.ChatRequest, request_id: str) -> grpc.aio.UnaryStreamCall:
-        """Open one Chat stream; the deadline is --request-timeout for the whole stream."""
-        return self.stub.Chat(
-            request,
-            timeout=self.settings.request_timeout,
-            metadata=self._metadata(request_id),
-            wait_for_ready=False,
-        )
+    def chat(self, request: chat_pb2.ChatRequest, request_id: str) -> RoutedCall:
+        """One Chat stream; the deadline is --request-timeout for the whole stream."""
+        return RoutedCall(self, request, self._metadata(request_id))
 
     async def list_models(self, request_id: str = "") -> list[chat_pb2.ModelInfo]:
-        response = await self.stub.ListModels(
+        endpoint = self.pick()
+        if endpoint is None:
+            raise unavailable("no model server is available")
+        response = await endpoint.chat.ListModels(
             chat_pb2.ListModelsRequest(),
             timeout=min(CONTROL_TIMEOUT, self.settings.request_timeout),
             metadata=self._metadata(request_id) or None,
@@ -237,11 +397,12 @@ class Backend:
         return requested
 
     async def check_health(self) -> bool:
-        """One grpc.health.v1 Check through the balanced channel: SERVING somewhere?"""
-        if self._health is None:
+        """One grpc.health.v1 Check on the backend a call would go to: SERVING?"""
+        endpoint = self.pick()
+        if endpoint is None:
             return False
         try:
-            response = await self._health.Check(
+            response = await endpoint.health.Check(
                 health_pb2.HealthCheckRequest(service=self.settings.health_service),
                 timeout=min(2.0, self.settings.request_timeout),
                 metadata=self._metadata() or None,

@@ -30,7 +30,32 @@ class Settings:
         env="GLMSERVE_BACKEND",
         metavar="TARGET",
         help="gRPC target(s) of the model server(s); repeat the flag or comma-separate. "
-        "Several targets: round robin over the healthy ones",
+        "`host:port` / `dns:///name:port` (system resolver) or `dns://DNS-IP:PORT/name:port` "
+        "names are resolved again every `--backend-resolve-seconds`, one connection per "
+        "address; `ipv4:`, `ipv6:`, `unix:` and IP literals are fixed",
+    )
+    backend_routing: str = setting(
+        "least-loaded",
+        flag="--backend-routing",
+        env="GLMSERVE_BACKEND_ROUTING",
+        choices=("least-loaded", "round-robin"),
+        help="which healthy backend gets each call: `least-loaded` (fewest of this bridge's "
+        "calls in flight) or `round-robin`",
+    )
+    backend_resolve_seconds: float = setting(
+        5.0,
+        flag="--backend-resolve-seconds",
+        env="GLMSERVE_BACKEND_RESOLVE_SECONDS",
+        help="how often DNS backend names are resolved again: new addresses get calls, gone "
+        "ones get no new calls and are closed once their calls end",
+    )
+    backend_accept_timeout: float = setting(
+        5.0,
+        flag="--backend-accept-timeout",
+        env="GLMSERVE_BACKEND_ACCEPT_TIMEOUT",
+        help="seconds a model server may take to accept a call (its response headers, sent "
+        "before queueing); past it, or on `UNAVAILABLE` before any token, the call moves to "
+        "another backend (when there is one)",
     )
     backend_ca: str | None = setting(
         None,
@@ -152,8 +177,9 @@ class Settings:
     )
     # grpc.health.v1 service name the client-side health checks watch ("" = whole server).
     health_service: str = ""
-    # HTTP/2 keepalive ping interval towards the backends, seconds (0 disables).
-    keepalive_seconds: float = 30.0
+    # HTTP/2 keepalive ping interval towards the backends, seconds (0 disables): a backend
+    # that stops answering (SIGSTOP, a dead host) loses its connection 5 s after a ping.
+    keepalive_seconds: float = 10.0
     # Upper bound of grpc's reconnect backoff, so a restarted backend is picked up in seconds.
     max_reconnect_backoff_seconds: float = 2.0
     drain_seconds: float = setting(
@@ -207,6 +233,10 @@ class Settings:
             raise ValueError("--stream-write-timeout must be > 0")
         if self.backend_idle_timeout <= 0:
             raise ValueError("--backend-idle-timeout must be > 0")
+        if self.backend_resolve_seconds <= 0:
+            raise ValueError("--backend-resolve-seconds must be > 0")
+        if self.backend_accept_timeout <= 0:
+            raise ValueError("--backend-accept-timeout must be > 0")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("--max-connections must be >= 1")
 

@@ -77,6 +77,9 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request, context):  # noqa: ANN001
                 await _refuse_undecodable(request, context)
+                # Headers now, before any queueing: a client sees the call accepted at once,
+                # and can move it elsewhere when a server stays silent (frozen).
+                await context.send_initial_metadata(())
                 try:
                     async for item in inner_us(request, context):
                         yield item

@@ -87,6 +87,20 @@ class ServerMetrics(EngineObserver):
             "Prompt tokens found in the prefix cache (not recomputed)",
             registry=r,
         )
+        # The Gateway API Inference Extension's model-server protocol: its endpoint picker reads
+        # queue depth, running requests and KV-cache utilization (0..1) under vLLM's names by
+        # default. Same values as the glmserve_* gauges above.
+        self.gateway_waiting = Gauge(
+            "vllm:num_requests_waiting", "Same as glmserve_requests_waiting", registry=r
+        )
+        self.gateway_running = Gauge(
+            "vllm:num_requests_running", "Same as glmserve_requests_running", registry=r
+        )
+        self.gateway_kv_usage = Gauge(
+            "vllm:gpu_cache_usage_perc",
+            "Same as glmserve_kv_cache_usage_ratio (0..1, on the CPU too)",
+            registry=r,
+        )
         self._seen = (0, 0, 0)
         self.model_loaded = Gauge(
             "glmserve_model_loaded", "1 once the model is loaded and serving", registry=r
@@ -97,6 +111,8 @@ class ServerMetrics(EngineObserver):
     def queue_changed(self, running: int, waiting: int) -> None:
         self.requests_running.set(running)
         self.requests_waiting.set(waiting)
+        self.gateway_running.set(running)
+        self.gateway_waiting.set(waiting)
 
     def step(self, kind: str, batch_size: int, tokens: int) -> None:
         self.batch_size.labels(kind).observe(batch_size)
@@ -105,7 +121,9 @@ class ServerMetrics(EngineObserver):
     def kv_usage(
         self, used_blocks: int, total_blocks: int, block_size: int, cached_blocks: int
     ) -> None:
-        self.kv_cache_usage.set(used_blocks / total_blocks if total_blocks else 0.0)
+        usage = used_blocks / total_blocks if total_blocks else 0.0
+        self.kv_cache_usage.set(usage)
+        self.gateway_kv_usage.set(usage)
         self.prefix_cache_blocks.set(cached_blocks)
         self.kv_cache_tokens.set(used_blocks * block_size)
         self.kv_cache_blocks_used.set(used_blocks)

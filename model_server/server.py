@@ -62,6 +62,17 @@ def kv_pool_tokens(loaded: LoadedModel, settings: Settings) -> int:
     return max(loaded.max_model_len + 2 * settings.kv_block_size, min(cap, budget))
 
 
+def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """--max-connection-age: a GOAWAY after that long makes clients reconnect, and a
+    reconnecting grpc client resolves its DNS name again (it does not on its own)."""
+    if settings.max_connection_age is None:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * 1000)),
+    ]
+
+
 class ModelServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -80,6 +91,7 @@ class ModelServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                *connection_age_options(settings),
             ],
             maximum_concurrent_rpcs=settings.concurrent_rpcs,
         )

@@ -178,6 +178,23 @@ class Settings:
         env="GLMSERVE_REFLECTION",
         help="gRPC server reflection (what `grpcurl list` and `describe` use)",
     )
+    max_connection_age: float | None = setting(
+        None,
+        flag="--max-connection-age",
+        env="GLMSERVE_MAX_CONNECTION_AGE",
+        metavar="SECONDS",
+        help="close each client connection after about this long (grpc `max_connection_age`, "
+        "+-10% jitter): clients reconnect and resolve DNS again, so new replicas get traffic",
+        default_text="off",
+    )
+    max_connection_age_grace: float = setting(
+        900.0,
+        flag="--max-connection-age-grace",
+        env="GLMSERVE_MAX_CONNECTION_AGE_GRACE",
+        metavar="SECONDS",
+        help="how long calls open when a connection ages out may still run; keep it above the "
+        "longest stream (the bridge's `--request-timeout`)",
+    )
     log_level: str = log_level_setting("`debug`, `info` (one line per request), `warning`, `error`")
     log_format: str = log_format_setting()
 
@@ -190,6 +207,10 @@ class Settings:
             raise ValueError("--step-timeout-seconds must be > 0")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError("--max-concurrent-rpcs must be >= 1")
+        if self.max_connection_age is not None and self.max_connection_age <= 0:
+            raise ValueError("--max-connection-age must be > 0")
+        if self.max_connection_age_grace < 0:
+            raise ValueError("--max-connection-age-grace must be >= 0")
 
     @property
     def concurrent_rpcs(self) -> int:

@@ -11,12 +11,13 @@ import grpc
 import pytest
 
 from glmserve.v1 import chat_pb2
-from http_bridge.backend import channel_target, service_config
+from http_bridge.backend import channel_options, service_config
 from http_bridge.cli import parse_settings
 from http_bridge.errors import GRPC_TO_HTTP, from_grpc, loc_to_param, param_from_grpc_message
 from http_bridge.protocol import ChatCompletionRequest
 from http_bridge.routes.chat import grpc_requests
 from http_bridge.settings import Settings
+from http_bridge.targets import Address, parse_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,23 +100,31 @@ def test_loc_to_param() -> None:
     assert loc_to_param(("body",)) is None
 
 
-def test_channel_target() -> None:
-    assert channel_target(["10.0.0.1:50051"]) == "10.0.0.1:50051"
-    assert channel_target(["dns:///ms:50051"]) == "dns:///ms:50051"
-    assert channel_target(["127.0.0.1:1", "localhost:2"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
-    assert channel_target(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
-    with pytest.raises(ValueError, match="IP address"):
-        channel_target(["a.example:1", "b.example:2"])
-    with pytest.raises(ValueError, match="IPv4 or all IPv6"):
-        channel_target(["127.0.0.1:1", "[::1]:2"])
+def test_parse_target() -> None:
+    fixed = parse_target("10.0.0.1:50051")
+    assert fixed.fixed == (Address("ipv4:10.0.0.1:50051"),) and not fixed.resolved
+    assert parse_target("[::1]:2").fixed == (Address("ipv6:[::1]:2"),)
+    assert parse_target("localhost:2").fixed == (Address("ipv4:127.0.0.1:2", "localhost"),)
+    both = parse_target("ipv4:127.0.0.1:1,127.0.0.2:2").fixed
+    assert both == (Address("ipv4:127.0.0.1:1"), Address("ipv4:127.0.0.2:2"))
+    assert parse_target("unix:/run/ms.sock").fixed == (Address("unix:/run/ms.sock"),)
+    for text in ("ms:50051", "dns:///ms:50051"):
+        s = parse_target(text)
+        assert (s.resolved, s.host, s.port, s.dns_server) == (True, "ms", 50051, None)
+    named = parse_target("dns://10.0.0.10:5353/ms.ns.svc:50051")
+    assert (named.host, named.dns_server) == ("ms.ns.svc", ("10.0.0.10", 5353))
+    assert parse_target("dns://[::1]/ms:1").dns_server == ("::1", 53)
+    for bad in ("ms", "ms:http", "ms:0", "dns://ns.example/ms:1", "ipv4:ms:1", "dns://1.2.3.4"):
+        with pytest.raises(ValueError, match="backend"):
+            parse_target(bad)
 
 
-def test_service_config_retries_only_unavailable() -> None:
-    config = service_config(Settings(backends=("127.0.0.1:1", "127.0.0.1:2")))
-    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+def test_service_config_health_checks_without_grpc_retries() -> None:
+    settings = Settings(backends=("127.0.0.1:1", "127.0.0.1:2"))
+    config = service_config(settings)
     assert config["healthCheckConfig"] == {"serviceName": ""}
-    (method,) = config["methodConfig"]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert "methodConfig" not in config  # RoutedCall moves calls, across backends
+    assert ("grpc.enable_retries", 0) in channel_options(settings)
     json.dumps(config)  # grpc takes it as JSON
 
 
