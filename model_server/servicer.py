@@ -12,10 +12,12 @@ from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
 from .engine.types import FinishReason, GenerationRequest
 from .models.base import LoadedModel, token_bytes
+from .structured import check_constrainable, structured_grammar
 from .validation import Defaults, InvalidArgument, messages_of, sampling_params
 
 if TYPE_CHECKING:  # the engine imports torch; the servicer must not (health is up first)
     from .engine.engine import Engine
+    from .engine.grammar import Grammars
 
 
 _FINISH = {
@@ -43,6 +45,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, state: ServingState) -> None:
         self._state = state
         self._ids = 0
+        self._grammars: Grammars | None = None
+        self._grammars_of: LoadedModel | None = None
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> tuple[LoadedModel, Engine]:
         st = self._state
@@ -95,8 +99,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             loaded.max_model_len,
             Defaults(loaded.default_temperature, loaded.default_top_p),
         )
+        constraint = None
+        if request.HasField("structured_output"):
+            check_constrainable(params, "structured_output")
+            grammars = self._grammars_for(loaded, engine)
+            # Compiling takes milliseconds (the first one, the tokenizer: about a second).
+            constraint = await asyncio.to_thread(
+                lambda: grammars.matcher(structured_grammar(grammars, request.structured_output))
+            )
         stream = engine.submit(
-            GenerationRequest(request.request_id or self._new_id(), prompt, params)
+            GenerationRequest(request.request_id or self._new_id(), prompt, params, constraint)
         )
         try:
             async for out in stream:
@@ -126,6 +138,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return chat_pb2.PositionLogprobs(
             chosen=one(token_id, lp.logprob), top=[one(t, v) for t, v in lp.top]
         )
+
+    def _grammars_for(self, loaded: LoadedModel, engine: Engine) -> Grammars:
+        if self._grammars is None or self._grammars_of is not loaded:
+            from .engine.grammar import Grammars  # llguidance loads with the first use
+
+            self._grammars = Grammars(loaded, engine.runner.vocab)
+            self._grammars_of = loaded
+        return self._grammars
 
     def _new_id(self) -> str:
         self._ids += 1

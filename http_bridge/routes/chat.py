@@ -110,6 +110,31 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_IGNORED_LISTED = 32
 
 
+# The model server names proto fields; these are the OpenAI fields they came from.
+_FEATURE_PARAMS = (
+    (re.compile(r"^structured_output\b"), "response_format"),
+    (re.compile(r"^tools\[(\d+)\]\.parameters\b"), r"tools[\1].function.parameters"),
+    (re.compile(r"^tools\b"), "tools"),
+    (re.compile(r"^tool_choice(_function)?\b"), "tool_choice"),
+    (re.compile(r"^logprobs\b"), "top_logprobs"),
+    (re.compile(r"^min_p\b"), "min_p"),
+    (re.compile(r"^prompt(_token_ids)?\b"), "prompt"),
+)
+
+
+def feature_param(details: str) -> str | None:
+    """The OpenAI param for a model-server INVALID_ARGUMENT about a feature's proto field."""
+    for pattern, param in _FEATURE_PARAMS:
+        match = pattern.match(details)
+        if match:
+            return match.expand(param)
+    return None
+
+
+def code_is_invalid(err: grpc.aio.AioRpcError) -> bool:
+    return err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def ignored_header(ignored: list[str], request_id: str) -> dict[str, str]:
     """The extra-field policy's answer: ignored fields are logged and named in a header.
 
@@ -322,6 +347,8 @@ class ChoiceCalls:
             )
             if self.used_max_completion_tokens and api_error.param == "max_tokens":
                 api_error.param = "max_completion_tokens"
+            if api_error.param is None and code_is_invalid(err):
+                api_error.param = feature_param(err.details() or "")
             return api_error
         log.exception("unexpected error in chat request %s", self.request_id, exc_info=err)
         return APIError(

@@ -106,6 +106,8 @@ class Sequence:
             text = self._stop.feed(self._detok.push(token))
             if self._stop.stopped:
                 finish = FinishReason.STOP
+        if finish is None and self.constraint is not None and self.constraint.done:
+            finish = FinishReason.STOP  # the grammar is complete: only eos could follow
         if finish is None and len(self.output_ids) >= self.params.max_tokens:
             finish = FinishReason.LENGTH
         if finish is not None and not self._stop.stopped:
