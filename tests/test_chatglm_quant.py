@@ -74,6 +74,22 @@ def test_quantized_checkpoint_matches_reference_dequantization(checkpoints, bits
         assert greedy_ids(quant, prompt) == greedy_ids(ref, prompt)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_checkpoint_on_cuda_matches_reference(checkpoints, bits):
+    """On a GPU: int4 through tinygemm, int8 through the cast; bf16, so a looser bound."""
+    cuda = torch.device("cuda")
+    quant = load_model(str(checkpoints[f"int{bits}"]), cuda, "bfloat16", None)
+    ref = load_model(str(checkpoints[f"ref{bits}"]), CPU, "float32", None)
+    kernels = {m.kernel for m in quant.model.modules() if isinstance(m, QuantLinear)}
+    assert kernels == ({"tinygemm"} if bits == 4 else {"dequant"})
+    x = torch.tensor([quant.chat_format.render([ChatMessage("user", PROMPTS[2])])])
+    with torch.inference_mode():
+        got = quant.model(input_ids=x.to(cuda)).logits.float().cpu()
+        want = ref.model(input_ids=x).logits
+    assert float((got - want).abs().max()) <= 0.03 * float(want.abs().max())
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_at_load_equals_the_published_quantization(checkpoints, tmp_path, bits):
     """``--quantize intN`` on the fp16 checkpoint == the int-N checkpoint of the same weights."""

@@ -149,6 +149,8 @@ class QuantLinear(nn.Module):
             self.scales = scale.to(device, self.compute_dtype)
 
     def _tinygemm_ok(self, device: torch.device) -> bool:
+        if self.in_features % 32 or self.out_features % 8:  # the kernels' tile sizes
+            return False
         if device.type == "cuda":
             major, _ = torch.cuda.get_device_capability(device)
             return major >= 8 and hasattr(torch, "_weight_int4pack_mm")
@@ -162,14 +164,16 @@ class QuantLinear(nn.Module):
         # Signed nibble s in -8..7 → unsigned code s + 8; tinygemm computes
         # (code - 8) * scale + zero, so zero = 0 reproduces q * scale exactly.
         codes = unpack_int4(weight.to(device)).to(torch.int32) + 8
+        # Tiles of 16 input columns, up to 8 per inner step: the most that divide the width.
+        inner = next(t for t in (8, 4, 2, 1) if self.in_features % (16 * t) == 0)
         if device.type == "cuda":
             sz_dtype = torch.bfloat16  # the only dtype tinygemm takes on CUDA
             u8 = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), 8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), inner)
             self.kernel = "tinygemm"
         else:
             sz_dtype = self.compute_dtype
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 8)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), inner)
             self.kernel = "int4pack-cpu"
         del codes
         sz = torch.zeros(
