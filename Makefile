@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF    := .tools/node_modules/.bin/buf
 STUBS  := glmserve/v1/chat_pb2.py glmserve/v1/chat_pb2_grpc.py glmserve/v1/chat_pb2.pyi
+# deploy/: the Kubernetes version the manifests are validated against (tests/test_deploy.py too).
+K8S_VERSION := 1.35.0
 
 .PHONY: serve test install proto proto-check lint buf-lint browser bench clean
 
@@ -47,9 +49,11 @@ $(BUF):
 buf-lint: $(BUF)
 	$(BUF) lint
 
-## lint: ruff, buf, stale stubs
+## lint: ruff, buf, stale stubs, Dockerfiles (hadolint), Kubernetes manifests (strict)
 lint: $(STAMP) buf-lint proto-check
 	$(BIN)/ruff check .
+	$(BIN)/hadolint deploy/docker/*.Dockerfile
+	$(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) deploy/k8s/*/*.yaml
 
 ## browser: Debian's Chromium for the page tests (no browser download)
 browser:

@@ -101,6 +101,11 @@ class ModelServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
             )
+        # --health-port: the same health servicer on its own plaintext server (nothing else).
+        self.probe_server: grpc.aio.Server | None = None
+        if settings.health_port:
+            self.probe_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
         self.credentials = server_credentials(settings)
         self.address = f"{settings.host}:{settings.port}"
         self.engine_failed = asyncio.Event()
@@ -116,8 +121,14 @@ class ModelServer:
             bound = self.server.add_secure_port(self.address, self.credentials)
         if bound == 0:
             raise OSError(f"cannot bind {self.address}")
+        if self.probe_server is not None:
+            probe = f"{self.settings.host}:{self.settings.health_port}"
+            if self.probe_server.add_insecure_port(probe) == 0:
+                raise OSError(f"cannot bind {probe}")
         await self._set_health(_NOT_SERVING)
         await self.server.start()
+        if self.probe_server is not None:
+            await self.probe_server.start()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port, self.settings.host)
         s = self.settings
@@ -210,6 +221,8 @@ class ModelServer:
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=self.settings.drain_seconds)
+        if self.probe_server is not None:  # answered NOT_SERVING throughout the drain
+            await self.probe_server.stop(grace=0)
         if self.state.engine is not None:
             self.state.engine.shutdown()
         self.metrics.model_loaded.set(0)

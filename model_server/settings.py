@@ -64,6 +64,14 @@ class Settings:
         help="context window in tokens (prompt + reply)",
         default_text="the model's",
     )
+    health_port: int | None = setting(
+        None,
+        flag="--health-port",
+        env="GLMSERVE_HEALTH_PORT",
+        help="a second, plaintext port serving only `grpc.health.v1` (the same status): for "
+        "Kubernetes gRPC probes, which speak neither TLS nor tokens",
+        default_text="off",
+    )
     metrics_port: int | None = setting(
         None,
         flag="--metrics-port",
@@ -207,6 +215,8 @@ class Settings:
             raise ValueError("--step-timeout-seconds must be > 0")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError("--max-concurrent-rpcs must be >= 1")
+        if self.health_port is not None and not 0 < self.health_port < 65536:
+            raise ValueError("--health-port must be in 1..65535")
         if self.max_connection_age is not None and self.max_connection_age <= 0:
             raise ValueError("--max-connection-age must be > 0")
         if self.max_connection_age_grace < 0:

@@ -90,7 +90,9 @@ def port() -> int:
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir: Path, port: int) -> Iterator[list[Server]]:
     """Servers on .2 and .3, started together; killed at the end (a drain costs seconds)."""
-    servers = [spawn_server(tiny_model_dir, host, port) for host in HOSTS[:2]]
+    probe = ("--health-port", str(free_port()))  # on the first: tested below
+    servers = [spawn_server(tiny_model_dir, HOSTS[0], port, *probe)]
+    servers.append(spawn_server(tiny_model_dir, HOSTS[1], port))
     try:
         for s in servers:
             s.wait_serving()
@@ -144,6 +146,17 @@ def test_gateway_metric_names(pair: list[Server]) -> None:
     assert samples["vllm:num_requests_waiting"] == samples["glmserve_requests_waiting"]
     assert samples["vllm:num_requests_running"] == samples["glmserve_requests_running"]
     assert samples["vllm:gpu_cache_usage_perc"] == samples["glmserve_kv_cache_usage_ratio"]
+
+
+def test_health_port_serves_only_health(pair: list[Server]) -> None:
+    """--health-port: kubelet's gRPC probes (no TLS, no token) get the same status there,
+    and nothing else."""
+    args = pair[0].proc.args
+    probe = f"{pair[0].host}:{args[args.index('--health-port') + 1]}"
+    assert health_status(probe) == SERVING
+    with grpc.insecure_channel(probe) as channel, pytest.raises(grpc.RpcError) as caught:
+        chat_pb2_grpc.ChatServiceStub(channel).ListModels(chat_pb2.ListModelsRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_max_connection_age_recycles_connections(pair: list[Server]) -> None:
