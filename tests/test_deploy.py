@@ -44,7 +44,8 @@ def containers() -> list[tuple[str, dict[str, Any]]]:
     for path, doc in documents():
         spec = doc.get("spec", {}).get("template", {}).get("spec", {})
         for c in spec.get("containers", []):
-            out.append((f"{path.relative_to(ROOT)}:{c['name']}", c))
+            if c["name"] in CLIS:
+                out.append((f"{path.relative_to(ROOT)}:{c['name']}", c))
     return out
 
 
@@ -55,6 +56,7 @@ def test_manifests_exist_for_both_variants() -> None:
     assert ("NetworkPolicy", "model-server") in kinds
     variants = {p.parent.name for p, d in documents() if d["kind"] == "Deployment"}
     assert {"gpu", "cpu", "common"} <= variants
+    assert sorted(c["name"] for _, c in containers()) == ["http-bridge", *["model-server"] * 2]
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
@@ -65,7 +67,9 @@ def test_manifest_is_valid_kubernetes(path: Path) -> None:
 
 def test_strict_validation_rejects_unknown_fields() -> None:
     """The check above can fail: a misspelt field is an error, not ignored."""
-    (deployment,) = [d for p, d in documents() if p.parent.name == "gpu"]
+    (deployment,) = [
+        d for p, d in documents() if p.parent.name == "gpu" and d["kind"] == "Deployment"
+    ]
     broken = yaml.safe_load(yaml.safe_dump(deployment))
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -74,7 +78,9 @@ def test_strict_validation_rejects_unknown_fields() -> None:
 
 def test_gpu_model_server_shape() -> None:
     """What the GPU deployment promises: a GPU, gRPC probes, a drain that fits the grace."""
-    (deployment,) = [d for p, d in documents() if p.parent.name == "gpu"]
+    (deployment,) = [
+        d for p, d in documents() if p.parent.name == "gpu" and d["kind"] == "Deployment"
+    ]
     pod = deployment["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
