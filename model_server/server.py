@@ -54,7 +54,11 @@ def kv_pool_tokens(loaded: LoadedModel, settings: Settings) -> int:
     if device.type == "cuda":
         import torch
 
-        free = torch.cuda.mem_get_info(device)[0]
+        # --device-map: the layers (and so their KV caches) span every GPU the model uses.
+        placed = set(getattr(loaded.model, "hf_device_map", {}).values())
+        gpus = {f"cuda:{d}" if isinstance(d, int) else d for d in placed}
+        gpus = {d for d in gpus if str(d).startswith("cuda")} or {device}
+        free = sum(torch.cuda.mem_get_info(torch.device(g))[0] for g in gpus)
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     budget = int(free * settings.kv_cache_memory_fraction) // per_token
@@ -158,7 +162,12 @@ class ModelServer:
                 from .models.registry import load_model, resolve_device
 
                 loaded = load_model(
-                    s.model, resolve_device(s.device), s.dtype, s.max_model_len, s.quantize
+                    s.model,
+                    resolve_device(s.device),
+                    s.dtype,
+                    s.max_model_len,
+                    s.quantize,
+                    device_map=s.device_map,
                 )
                 loop.call_soon_threadsafe(done.set_result, loaded)
             except BaseException as exc:  # noqa: BLE001 - reported on the loop

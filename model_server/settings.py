@@ -42,6 +42,15 @@ class Settings:
         env="GLMSERVE_DEVICE",
         help="`auto` (cuda when available), `cpu`, `cuda`, `cuda:N`",
     )
+    device_map: str | None = setting(
+        None,
+        flag="--device-map",
+        env="GLMSERVE_DEVICE_MAP",
+        choices=("auto", "balanced", "balanced_low_0", "sequential"),
+        help="spread one model's layers over all visible GPUs with accelerate (a model larger "
+        "than one GPU; the original demo's `num_gpus`); each layer's KV cache stays on its GPU",
+        default_text="off (the whole model on `--device`)",
+    )
     dtype: str = setting(
         "auto",
         flag="--dtype",

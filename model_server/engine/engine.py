@@ -120,7 +120,7 @@ class Engine:
         self.config = config
         self.observer = observer or EngineObserver()
         self.runner = ModelRunner(loaded)
-        self._device = loaded.device
+        self._device = self.runner.logits_device  # penalties and grammars meet the logits
         self.prefix: PrefixIndex[torch.Tensor] | None = (
             PrefixIndex() if config.prefix_caching else None
         )
@@ -130,7 +130,7 @@ class Engine:
             bytes_per_token=kv_bytes_per_token(loaded.model, loaded.dtype),
             weight_bytes=weight_bytes(loaded.model),
             vocab=self.runner.vocab,
-            device=loaded.device,
+            device=self._device,
             prefix=self.prefix,
             max_lanes=config.max_lanes,
         )

@@ -215,7 +215,7 @@ def extract_blocks(
 ) -> list[torch.Tensor]:
     """Copies whole blocks of one row out of a batch cache: one ``[layers, 2, heads,
     block_size, head_dim]`` tensor per block (each its own allocation, so evicting a block
-    frees exactly its memory)."""
+    frees exactly its memory), on the first layer's device."""
     n = columns.numel() // block_size
     if n == 0:
         return []
@@ -229,19 +229,32 @@ def extract_blocks(
     return [b.clone() for b in out]
 
 
-def cache_from_blocks(blocks: list[torch.Tensor], spare: int = GROW_TOKENS) -> GrowableCache:
+def layer_devices(cache: GrowableCache) -> list[torch.device]:
+    """Where each layer's keys live: with a model split over several GPUs (``--device-map``)
+    each layer's cache sits on that layer's GPU (transformers hands ``update`` the layer's own
+    key states)."""
+    return [layer.keys.device for layer in cache.layers]
+
+
+def cache_from_blocks(
+    blocks: list[torch.Tensor],
+    spare: int = GROW_TOKENS,
+    devices: Sequence[torch.device] | None = None,
+) -> GrowableCache:
     """A one-row cache holding the given consecutive blocks (a prefix-cache hit), with room
     for ``spare`` more positions (the rest of the prompt: no growth copy when it is computed).
     Each layer is assembled from small per-layer stacks (cache-friendly, no full-size copy of
-    everything first)."""
+    everything first), on ``devices[layer]`` when given (blocks live on the first layer's
+    device), else on the blocks' device."""
     n = len(blocks)
     num_layers, _, h, bs, d = blocks[0].shape
     layers = []
     for li in range(num_layers):
         layer = GrowableLayer()
         bufs = []
+        device = blocks[0].device if devices is None else devices[li]
         for kv_i in range(2):
-            buf = blocks[0].new_empty(1, h, n * bs + spare, d)
+            buf = blocks[0].new_empty(1, h, n * bs + spare, d, device=device)
             part = torch.stack([b[li, kv_i] for b in blocks], dim=1)  # [h, n, bs, d]
             buf[0, :, : n * bs].view(h, n, bs, d).copy_(part)
             bufs.append(buf)

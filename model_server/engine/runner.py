@@ -21,7 +21,11 @@ class ModelRunner:
         self.loaded = loaded
         self._model = loaded.model
         self.device = loaded.device
-        self.vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
+        head = loaded.model.get_output_embeddings().weight
+        self.vocab = int(head.shape[0])
+        # Where logits land, and so the per-row sampling state: with --device-map the output
+        # layer may sit on another GPU than the inputs (self.device).
+        self.logits_device = head.device
         params = inspect.signature(self._model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 

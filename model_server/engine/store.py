@@ -74,6 +74,9 @@ class KVStore:
         self.prefix = prefix
         self._vocab = vocab
         self._device = device
+        # Each cache layer's device (several with --device-map), learned from the first cache
+        # that fills the prefix cache; None until then.
+        self._layer_devices: list[torch.device] | None = None
         self.lanes: list[Lane] = []
         self.pending: dict[int, tuple[kv.GrowableCache, torch.Tensor]] = {}  # id(seq) →
 
@@ -136,7 +139,9 @@ class KVStore:
     def load_prefix(self, seq: Sequence, blocks: list[torch.Tensor]) -> None:
         """A prefix-cache hit becomes the request's prefill cache."""
         n = len(blocks) * self.block_size
-        cache = kv.cache_from_blocks(blocks, spare=seq.num_tokens - n + kv.GROW_TOKENS)
+        cache = kv.cache_from_blocks(
+            blocks, spare=seq.num_tokens - n + kv.GROW_TOKENS, devices=self._layer_devices
+        )
         self.pending[id(seq)] = (cache, torch.ones(1, n, dtype=torch.long))
 
     def drop_pending(self, seq: Sequence) -> None:
@@ -238,6 +243,8 @@ class KVStore:
             seq.cached_blocks = start
             return
         columns = kv.row_columns(mask[row])[start * bs : end * bs]
+        if self._layer_devices is None:  # fixed for the run: where hits must put each layer
+            self._layer_devices = kv.layer_devices(cache)
         for h, block in zip(
             seq.block_hashes[start:end], kv.extract_blocks(cache, row, columns, bs)
         ):

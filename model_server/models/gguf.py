@@ -90,7 +90,10 @@ def _convert(gguf: Path, target: Path) -> None:
 
 
 def load_default(
-    device: torch.device, dtype: torch.dtype, max_model_len: int | None
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int | None,
+    device_map: str | None = None,
 ) -> LoadedModel:
     from .hf import load_hf
 
@@ -98,7 +101,10 @@ def load_default(
     target = _converted_dir(gguf)
     if not (target / "config.json").exists():
         _convert(gguf, target)
-    loaded = load_hf(str(target), device, dtype, max_model_len, source=f"{_DIST}:{gguf.name}")
+    placement = {"device_map": device_map} if device_map else {}
+    loaded = load_hf(
+        str(target), device, dtype, max_model_len, source=f"{_DIST}:{gguf.name}", **placement
+    )
     loaded.default_temperature = DEFAULT_TEMPERATURE
     loaded.default_top_p = DEFAULT_TOP_P
     return loaded

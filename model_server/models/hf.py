@@ -290,24 +290,39 @@ def load_hf(
     max_model_len: int | None,
     *,
     source: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
     **from_pretrained_kwargs: object,
 ) -> LoadedModel:
-    """Loads a local transformers checkpoint (never remote code)."""
+    """Loads a local transformers checkpoint (never remote code).
+
+    ``device_map`` (``--device-map``) hands placement to accelerate: the layers are spread
+    over the visible GPUs (one model larger than one GPU) and its hooks move activations
+    between them; ``device`` is then unused. The engine's KV cache follows each layer's
+    device by itself (kv.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("loading tokenizer from %s", path)
     tokenizer = AutoTokenizer.from_pretrained(
         path, trust_remote_code=False, **from_pretrained_kwargs
     )
-    log.info("loading weights from %s (%s on %s)", path, dtype, device)
+    where = f"device map {device_map}" if device_map else str(device)
+    log.info("loading weights from %s (%s on %s)", path, dtype, where)
+    placement = {"device_map": device_map} if device_map else {}
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
         trust_remote_code=False,
         low_cpu_mem_usage=True,
+        **placement,
         **from_pretrained_kwargs,
     )
-    model.to(device).eval()
+    if device_map:
+        one = {"": str(next(model.parameters()).device)}  # unset when all went to one device
+        placed = getattr(model, "hf_device_map", one)
+        log.info("layers placed: %s", sorted(set(map(str, placed.values()))))
+        model.eval()
+    else:
+        model.to(device).eval()
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id

@@ -3,6 +3,7 @@ transformers causal LM with a chat template. Nothing here runs code from a check
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -29,9 +30,13 @@ def load_model(
     dtype_name: str,
     max_model_len: int | None,
     quantize: str | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """``quantize`` (``int4``/``int8``): quantize a ChatGLM checkpoint's linears at load."""
+    """``quantize`` (``int4``/``int8``): quantize a ChatGLM checkpoint's linears at load.
+    ``device_map`` (``--device-map``: ``auto``, ``balanced``, ...): accelerate spreads the
+    layers over the visible GPUs instead of putting the model on ``device``."""
     dtype = resolve_dtype(dtype_name, device)
+    placement = {"device_map": device_map} if device_map else {}
     bits = {None: None, "int4": 4, "int8": 8}[quantize]
     if bits and (model == DEFAULT_MODEL or not _is_chatglm(Path(model).expanduser())):
         raise ModelLoadError(
@@ -39,7 +44,7 @@ def load_model(
             f"(--model {model} is not one)"
         )
     if model == DEFAULT_MODEL:
-        return load_default(device, dtype, max_model_len)
+        return load_default(device, dtype, max_model_len, **placement)
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ModelLoadError(
@@ -53,11 +58,21 @@ def load_model(
     if config.get("model_type") == "chatglm":
         from .chatglm2 import load_chatglm2
 
+        if device_map and "device_map" not in inspect.signature(load_chatglm2).parameters:
+            raise ModelLoadError(
+                f"--device-map {device_map}: the ChatGLM loader does not place layers over "
+                "several devices yet"
+            )
         return load_chatglm2(
-            str(path), device, None if dtype_name == "auto" else dtype, max_model_len, bits
+            str(path),
+            device,
+            None if dtype_name == "auto" else dtype,
+            max_model_len,
+            bits,
+            **placement,
         )
     _refuse_remote_code(config, model)
-    return load_hf(str(path), device, dtype, max_model_len)
+    return load_hf(str(path), device, dtype, max_model_len, **placement)
 
 
 def _is_chatglm(path: Path) -> bool:
