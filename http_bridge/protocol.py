@@ -77,7 +77,6 @@ IGNORED_FIELDS = (
     "store",
     "metadata",
     "service_tier",
-    "parallel_tool_calls",
     "reasoning_effort",
     "verbosity",
     "moderation",
@@ -353,6 +352,8 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormatIn | None = None
     tools: list[ToolDef] | None = Field(default=None, max_length=MAX_TOOLS)
+    # false: at most one call per reply.
+    parallel_tool_calls: bool | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # vLLM-style extensions; top_k and min_tokens are uint32 in chat.proto.
     top_k: int | None = Field(default=None, ge=-1, le=UINT32_MAX)
@@ -375,7 +376,6 @@ class ChatCompletionRequest(_Strict):
     store: Any = None
     metadata: Any = None
     service_tier: Any = None
-    parallel_tool_calls: Any = None
     reasoning_effort: Any = None
     verbosity: Any = None
     moderation: Any = None

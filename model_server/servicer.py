@@ -13,6 +13,7 @@ from glmserve.v1 import chat_pb2, chat_pb2_grpc
 from .engine.types import FinishReason, GenerationRequest
 from .models.base import LoadedModel, token_bytes
 from .structured import check_constrainable, structured_grammar
+from .tools import ToolPlan, grammar_for, plan, with_ids
 from .validation import Defaults, InvalidArgument, messages_of, sampling_params
 
 if TYPE_CHECKING:  # the engine imports torch; the servicer must not (health is up first)
@@ -63,10 +64,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 f"model {name!r} is not served here (this server serves {self._state.model_id!r})",
             )
 
-    async def _prompt(self, loaded: LoadedModel, messages) -> list[int]:  # noqa: ANN001
-        msgs = messages_of(messages)
+    async def _prompt(self, loaded: LoadedModel, request) -> tuple[list[int], ToolPlan]:  # noqa: ANN001
+        """The chat prompt (Chat or Tokenize request), with the tools plan it was made for."""
+        tools = plan(request, messages_of(request.messages), loaded.chat_format)
+
+        def render() -> list[int]:
+            if tools.tools is None:  # formats without tools keep their one-argument render
+                return loaded.chat_format.render(tools.messages)
+            return loaded.chat_format.render(tools.messages, tools.tools)
+
         # Tokenizing a long conversation takes milliseconds: keep it off the event loop.
-        return await asyncio.to_thread(loaded.chat_format.render, msgs)
+        return await asyncio.to_thread(render), tools
 
     async def _raw_prompt(self, loaded: LoadedModel, request: chat_pb2.ChatRequest) -> list[int]:
         """The completion path: the prompt as given, no chat format."""
@@ -89,10 +97,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         # the interceptor maps them to their status through errors.STATUS_OF.
         loaded, engine = await self._ready(context)
         await self._check_model(request.model, context)
+        tools: ToolPlan | None = None
         if request.prompt or request.prompt_token_ids:
+            if request.tools:
+                raise InvalidArgument("tools", "not with a raw prompt")
             prompt = await self._raw_prompt(loaded, request)
         else:
-            prompt = await self._prompt(loaded, request.messages)
+            prompt, tools = await self._prompt(loaded, request)
         params = sampling_params(
             request,
             len(prompt),
@@ -107,6 +118,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             constraint = await asyncio.to_thread(
                 lambda: grammars.matcher(structured_grammar(grammars, request.structured_output))
             )
+        elif tools is not None and tools.schema is not None:
+            check_constrainable(params, "tools")
+            grammars = self._grammars_for(loaded, engine)
+            plan_ = tools
+            constraint = await asyncio.to_thread(
+                lambda: grammars.matcher(grammar_for(grammars, plan_))
+            )
+        parser = tools.parser if tools is not None else None
         stream = engine.submit(
             GenerationRequest(request.request_id or self._new_id(), prompt, params, constraint)
         )
@@ -116,11 +135,19 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     if out.error is not None:
                         raise out.error
                     return
-                msg = chat_pb2.ChatResponse(text=out.text, token_ids=out.token_ids)
+                text = out.text if parser is None else parser.feed(out.text)
+                msg = chat_pb2.ChatResponse(text=text, token_ids=out.token_ids)
                 for token_id, lp in zip(out.token_ids, out.logprobs):  # noqa: B905 - empty when off
                     msg.logprobs.append(self._logprobs(loaded, lp, token_id))
                 if out.finish_reason is not None:
                     msg.finish_reason = _FINISH[out.finish_reason]
+                    if parser is not None:
+                        rest, calls = parser.finish()
+                        msg.text += rest
+                        for call in with_ids(calls):
+                            msg.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
+                        if calls:
+                            msg.finish_reason = chat_pb2.FINISH_REASON_TOOL_CALLS
                     msg.usage.prompt_tokens = out.usage.prompt_tokens
                     msg.usage.completion_tokens = out.usage.completion_tokens
                 yield msg
@@ -175,7 +202,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> chat_pb2.TokenizeResponse:
         loaded, _ = await self._ready(context)
         await self._check_model(request.model, context)
-        prompt = await self._prompt(loaded, request.messages)
+        prompt, _ = await self._prompt(loaded, request)
         return chat_pb2.TokenizeResponse(
             token_ids=prompt, count=len(prompt), max_model_len=loaded.max_model_len
         )

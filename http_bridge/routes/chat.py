@@ -197,6 +197,8 @@ def _features(body: ChatCompletionRequest, req: chat_pb2.ChatRequest) -> None:
                 strict=bool(f.strict),
             )
         )
+    if body.parallel_tool_calls is not None and body.tools:
+        req.parallel_tool_calls = body.parallel_tool_calls
     choice = body.tool_choice
     if isinstance(choice, str):
         req.tool_choice = _TOOL_CHOICE[choice]

@@ -1,0 +1,243 @@
+"""Tool calls on real processes, through the bridge with the openai SDK.
+
+- The generic format (SmolLM2's template knows no tools): the tiny *random* model, so forced
+  calls (``required``, a named function) are valid only because decoding is constrained, and
+  ``auto`` replies are unwrapped from the generic JSON.
+- The native format: a scripted model (greedy reply fixed by its weights) whose chat template
+  takes ``tools`` and spells calls as Hermes ``<tool_call>`` JSON; the server parses them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import jsonschema
+import openai
+import pytest
+from procs import Proc, start_bridge, start_model_server
+
+from glmserve.v1 import chat_pb2, chat_pb2_grpc
+from model_server.models.hermes import HermesToolParser
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": ADD}},
+]  # fmt: skip
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou may call these tools: {{ tools | tojson }}\n"
+    'Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n{% endif %}'
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>"
+    '{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>'
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SCRIPT = '<tool_call>{"name":"lookup", "arguments": {"q" :7}}'  # tokens all distinct
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[Proc]:
+    with start_model_server(str(tiny_model_dir)) as proc:
+        yield proc
+        proc.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client(server: Proc) -> Iterator[openai.OpenAI]:
+    with start_bridge("--backend", server.target, "--no-ui") as bridge:
+        yield openai.OpenAI(base_url=bridge.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def check_calls(calls: list) -> None:
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert isinstance(call.function.arguments, str)
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def streamed_calls(chunks: Iterator) -> tuple[list[dict], str | None]:
+    """Reassembles streamed tool-call deltas the way clients do (by index)."""
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for d in choice.delta.tool_calls or []:
+                if d.id:  # the first delta of a call: id, type and name
+                    assert d.type == "function" and d.function.name
+                    calls[d.index] = {"name": d.function.name, "arguments": ""}
+                calls[d.index]["arguments"] += d.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "add"}}], ids=["req", "named"]
+)
+def test_forced_calls_are_valid_and_streams_reassemble(
+    client: openai.OpenAI, model: str, choice: object
+) -> None:
+    # One call per reply: a random model would otherwise go on calling until max_tokens.
+    args = dict(model=model, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=250,
+                temperature=0.8, parallel_tool_calls=False)  # fmt: skip
+    for seed in range(3):
+        out = client.chat.completions.create(**args, seed=seed)
+        message = out.choices[0].message
+        assert out.choices[0].finish_reason == "tool_calls" and message.content is None
+        check_calls(message.tool_calls)
+        if isinstance(choice, dict):
+            assert [c.function.name for c in message.tool_calls] == ["add"]
+        calls, finish = streamed_calls(client.chat.completions.create(**args, seed=seed,
+                                                                      stream=True))  # fmt: skip
+        assert finish == "tool_calls"
+        assert calls == [
+            {"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls
+        ]
+
+
+def test_auto_generic_format_unwraps(client: openai.OpenAI, model: str) -> None:
+    """Agents send tools with no tool_choice to every model: never a 400; the reply is a
+    plain answer or valid calls, never the generic JSON wrapper."""
+    for seed in range(4):
+        out = client.chat.completions.create(
+            model=model, messages=ASK, tools=TOOLS, max_tokens=60, temperature=1.0, seed=seed
+        )
+        choice = out.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+            check_calls(choice.message.tool_calls)
+        else:
+            assert not choice.message.content.startswith('{"response"')
+        streamed = client.chat.completions.create(
+            model=model, messages=ASK, tools=TOOLS, max_tokens=60, temperature=1.0, seed=seed,
+            stream=True,
+        )  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        if not choice.message.tool_calls:
+            assert text == choice.message.content
+
+
+def test_tool_history_is_accepted(
+    client: openai.OpenAI, model: str, server: Proc, tiny_model_dir: Path
+) -> None:
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, sunny"},
+    ]  # fmt: skip
+    out = client.chat.completions.create(model=model, messages=history, tools=TOOLS, max_tokens=5)
+    assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # The generic format shows the call and its result to the model as JSON turns.
+    with grpc.insecure_channel(server.target) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        tokens = stub.Tokenize(chat_pb2.TokenizeRequest(messages=[
+            chat_pb2.Message(role=chat_pb2.ROLE_USER, content="hi"),
+            chat_pb2.Message(role=chat_pb2.ROLE_ASSISTANT, tool_calls=[
+                chat_pb2.ToolCall(id="c1", name="add", arguments='{"a": 1, "b": 2}')]),
+            chat_pb2.Message(role=chat_pb2.ROLE_TOOL, tool_call_id="c1", content="3"),
+        ]))  # fmt: skip
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(tiny_model_dir).decode(tokens.token_ids)
+    assert '{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}' in text
+    assert '{"tool_result": {"name": "add", "id": "c1", "content": "3"}}' in text
+
+
+def test_tool_errors(client: openai.OpenAI, model: str) -> None:
+    lookbehind = {"type": "string", "pattern": "(?<=a)b"}
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": lookbehind}}}}]  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=ASK, tools=bad, tool_choice="required")
+    assert err.value.param == "tools[0].function.parameters"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=model, messages=ASK, tools=TOOLS, response_format={"type": "json_object"}
+        )
+    assert err.value.status_code == 400
+
+
+# ---- native (Hermes) format -----------------------------------------------------------------
+
+
+def test_hermes_parser_streams_text_and_finds_calls() -> None:
+    reply = 'Let me check. <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    for cut in range(1, len(reply)):
+        parser = HermesToolParser()
+        text = parser.feed(reply[:cut]) + parser.feed(reply[cut:])
+        rest, calls = parser.finish()
+        assert (text + rest).strip() == "Let me check."
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"x": 1})]
+    parser = HermesToolParser()
+    sent = parser.feed("a <tool_") + parser.feed("nope>")
+    assert sent + parser.finish()[0] == "a <tool_nope>"  # held back, then released unchanged
+    parser = HermesToolParser()
+    parser.feed("<tool_call>not json</tool_call>")
+    assert parser.finish() == ("<tool_call>not json</tool_call>", [])
+
+
+@pytest.fixture(scope="module")
+def hermes_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer: Path) -> Path:
+    from tiny_models import make_scripted_llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer)
+    tok.chat_template = HERMES_TEMPLATE
+    tok_dir = tmp_path_factory.mktemp("hermes-tok")
+    tok.save_pretrained(tok_dir)
+    return make_scripted_llama(tmp_path_factory.mktemp("hermes") / "model", tok_dir, SCRIPT)
+
+
+def test_native_hermes_calls_are_parsed(hermes_model_dir: Path) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    with (
+        start_model_server(str(hermes_model_dir)) as server,
+        start_bridge("--backend", server.target, "--no-ui") as bridge,
+    ):
+        client = openai.OpenAI(base_url=bridge.url + "/v1", api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        out = client.chat.completions.create(
+            model=model, messages=ASK, tools=tools, temperature=0, max_tokens=50
+        )
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        [call] = choice.message.tool_calls
+        assert call.function.name == "lookup" and json.loads(call.function.arguments) == {"q": 7}
+        calls, finish = streamed_calls(client.chat.completions.create(
+            model=model, messages=ASK, tools=tools, temperature=0, max_tokens=50, stream=True
+        ))  # fmt: skip
+        assert finish == "tool_calls"
+        assert calls == [{"name": "lookup", "arguments": call.function.arguments}]
+        # Without tools the same reply is plain text: nothing is parsed.
+        plain = client.chat.completions.create(model=model, messages=ASK, temperature=0,
+                                               max_tokens=50)  # fmt: skip
+        assert plain.choices[0].message.content == SCRIPT
+        server.stop(signal.SIGKILL)
