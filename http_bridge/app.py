@@ -26,7 +26,7 @@ from http_bridge.middleware import (
     too_large,
 )
 from http_bridge.protocol import ChatCompletionRequest
-from http_bridge.routes import chat, health, metrics, models
+from http_bridge.routes import chat, completions, health, metrics, models
 from http_bridge.settings import Settings
 
 log = logging.getLogger("http_bridge")
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
 
     # FastAPI's own limit catches bodies without a Content-Length; the guard below the rest.
     app.include_router(chat.router, max_body_size=settings.max_request_bytes)
+    app.include_router(completions.router, max_body_size=settings.max_request_bytes)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
@@ -102,11 +103,13 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
             expose_headers=[
                 "x-request-id",
                 "retry-after",
+                "x-glmserve-ignored-params",
                 *RATE_LIMIT_HEADERS,
             ],
             max_age=600,
         )
-    flat_routes = [r for m in (chat, models, health, metrics) for r in m.router.routes]
+    routers = (chat, completions, models, health, metrics)
+    flat_routes = [r for m in routers for r in m.router.routes]
     flat_routes += [r for r in app.router.routes if hasattr(r, "path_regex")]
     app.add_middleware(MetricsMiddleware, metrics=bridge_metrics, routes=flat_routes)
     app.add_middleware(SecurityHeadersMiddleware)

@@ -621,6 +621,33 @@ class ChatStream:
         data = chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
         return format_sse_event(data_str=data)
 
+    def prompt_of(self, i: int) -> int:
+        """Which prompt choice ``i`` continues (chat: all share one)."""
+        return 0
+
+    def _opening(self, i: int) -> bytes | None:
+        return self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+
+    def _message_chunks(self, i: int, item: chat_pb2.ChatResponse) -> list[bytes]:
+        out = []
+        if item.text or (self.logprobs and item.logprobs):
+            lp = ChoiceLogprobs(content=token_logprobs(item.logprobs)) if self.logprobs else None
+            out.append(self._chunk([ChunkChoice(index=i, delta=Delta(content=item.text),
+                                                logprobs=lp)]))  # fmt: skip
+        for k, call in enumerate(item.tool_calls):
+            # The spec's order: id, type and name first; then argument fragments.
+            head = ToolCallDelta(
+                index=k, id=call.id, type="function",
+                function=FunctionDelta(name=call.name, arguments=""),
+            )  # fmt: skip
+            out.append(self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[head]))]))
+            body = ToolCallDelta(index=k, function=FunctionDelta(arguments=call.arguments))
+            out.append(self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[body]))]))
+        return out
+
+    def _finish_chunk(self, i: int, reason: str) -> bytes:
+        return self._chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
+
     async def _pump(self, i: int, queue: asyncio.Queue, room: asyncio.Semaphore) -> None:
         """Forward choice i's messages (already-read first one included) to the merge queue,
         no more than ``room`` ahead of the consumer: the reads wait for the client."""
@@ -644,15 +671,18 @@ class ChatStream:
         pumps = [asyncio.ensure_future(self._pump(i, queue, rooms[i])) for i in range(n)]
         self.metrics.streams_in_flight.inc()
         finished = [False] * n
-        prompt_tokens = completion_tokens = 0
+        completion_tokens = 0
 
         def stop() -> None:
             queue.put_nowait((0, _shutting_down()))
 
         self.drain.add(stop)
+        prompts: dict[int, int] = {}  # prompt tokens, counted once per distinct prompt
         try:
             for i in range(n):
-                yield self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+                opening = self._opening(i)
+                if opening:
+                    yield opening
             open_streams = n
             while open_streams:
                 i, item = await queue.get()
@@ -669,40 +699,15 @@ class ChatStream:
                 if isinstance(item, BaseException):
                     raise item
                 rooms[i].release()
-                if item.text or (self.logprobs and item.logprobs):
-                    lp = ChoiceLogprobs(content=token_logprobs(item.logprobs))
-                    yield self._chunk(
-                        [
-                            ChunkChoice(
-                                index=i,
-                                delta=Delta(content=item.text),
-                                logprobs=lp if self.logprobs else None,
-                            )
-                        ]
-                    )
-                for k, call in enumerate(item.tool_calls):
-                    # The spec's order: id, type and name first; then argument fragments.
-                    head = ToolCallDelta(
-                        index=k,
-                        id=call.id,
-                        type="function",
-                        function=FunctionDelta(name=call.name, arguments=""),
-                    )
-                    yield self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[head]))])
-                    body = ToolCallDelta(index=k, function=FunctionDelta(arguments=call.arguments))
-                    yield self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[body]))])
+                for chunk in self._message_chunks(i, item):
+                    yield chunk
                 if item.finish_reason in _FINISH:
                     finished[i] = True
-                    prompt_tokens = prompt_tokens or item.usage.prompt_tokens
+                    prompts[self.prompt_of(i)] = item.usage.prompt_tokens
                     completion_tokens += item.usage.completion_tokens
-                    yield self._chunk(
-                        [
-                            ChunkChoice(
-                                index=i, delta=Delta(), finish_reason=_FINISH[item.finish_reason]
-                            )
-                        ]
-                    )
+                    yield self._finish_chunk(i, _FINISH[item.finish_reason])
             if self.include_usage:
+                prompt_tokens = sum(prompts.values())
                 usage = Usage(
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,

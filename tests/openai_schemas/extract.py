@@ -44,6 +44,7 @@ OUTPUT = HERE / "openai_chat_schemas.json"
 ROOTS = (
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
+    "CreateCompletionResponse",
     "ListModelsResponse",
     "Model",
     "ErrorResponse",

@@ -1,0 +1,213 @@
+"""OpenAI legacy completions wire models (``POST /v1/completions``): request, response, chunk.
+
+Same field rules and extra-field policy as chat (``protocol.py``): known fields strict and
+ranged, unknown top-level fields accepted, ignored and named. No chat template is applied: the
+prompt goes to the model as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from http_bridge.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_N,
+    MAX_NAME_CHARS,
+    MAX_STOP,
+    MAX_STOP_BYTES,
+    MAX_TEXT_CHARS,
+    MAX_TOP_LOGPROBS,
+    MIN_REPETITION_PENALTY,
+    UINT32_MAX,
+    StreamOptions,
+    Usage,
+    _Strict,
+    _unsupported,
+)
+
+MAX_PROMPTS = 64  # prompts in one request (each runs n choices)
+MAX_PROMPT_TOKENS = 1 << 20
+
+
+class CompletionRequest(_Strict):
+    """CreateCompletionRequest, as far as glmserve implements it (plus vLLM extensions)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    model: str = Field(max_length=MAX_NAME_CHARS)
+    # A string, a list of strings, a list of token ids, or a list of such lists (checked below).
+    prompt: Any = Field(json_schema_extra={"description": "string | string[] | int[] | int[][]"})
+    suffix: Any = None
+    max_tokens: int | None = Field(default=16, ge=1, le=UINT32_MAX)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = None
+    stop: list[str] | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: Any = None
+    user: str | dict[str, Any] | None = None
+    # vLLM-style extensions.
+    top_k: int | None = Field(default=None, ge=-1, le=UINT32_MAX)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    min_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX)
+    ignore_eos: bool | None = None
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> list[str] | list[list[int]]:
+        """Normalized to a list of prompts: all text, or all token-id lists."""
+        one_ids = isinstance(value, list) and value and all(_is_id(v) for v in value)
+        if isinstance(value, str) or one_ids:
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise PydanticCustomError(
+                "invalid_value", "prompt must be a string, strings, token ids or lists of them"
+            )
+        if len(value) > MAX_PROMPTS:
+            raise PydanticCustomError(
+                "too_long", "at most {n} prompts per request", {"n": MAX_PROMPTS}
+            )
+        if all(isinstance(p, str) for p in value):
+            if any(len(p) > MAX_TEXT_CHARS for p in value):
+                raise PydanticCustomError("too_long", "a prompt is longer than the limit")
+            return value
+        if all(isinstance(p, list) and p and all(_is_id(t) for t in p) for p in value):
+            if any(len(p) > MAX_PROMPT_TOKENS for p in value):
+                raise PydanticCustomError("too_long", "a prompt has too many tokens")
+            return value
+        raise PydanticCustomError(
+            "invalid_value",
+            "prompt must be a string, a list of strings, a list of token ids (integers >= 0) "
+            "or a list of such lists, not a mix",
+        )
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        raise _unsupported("suffix", "Insertion (fill-in-the-middle) is not available.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: Any) -> Any:
+        if value is None or value == {}:
+            return None
+        raise _unsupported("logit_bias")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != (info.data.get("n") or 1):
+            raise _unsupported("best_of", "Only best_of equal to n (or 1) is supported.")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str] | None) -> list[str] | None:
+        items = value or []
+        if len(items) > MAX_STOP:
+            raise PydanticCustomError(
+                "too_many_stop", "at most {n} stop sequences are allowed", {"n": MAX_STOP}
+            )
+        if any(not s or len(s.encode()) > MAX_STOP_BYTES for s in items):
+            raise PydanticCustomError(
+                "stop_length", "each stop must be 1 to {n} UTF-8 bytes", {"n": MAX_STOP_BYTES}
+            )
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value and info.data.get("logprobs") is not None:
+            raise _unsupported(
+                "echo", "echo with logprobs needs the prompt's log-probabilities, not available."
+            )
+        prompt = info.data.get("prompt")
+        if value and prompt and not isinstance(prompt[0], str):
+            raise _unsupported("echo", "echo needs a text prompt (the server returns no text).")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise PydanticCustomError(
+                "invalid_value", "stream_options is only allowed when stream is true"
+            )
+        return value
+
+    def ignored_params(self) -> list[str]:
+        known = [f for f in ("user",) if getattr(self, f) is not None]
+        return sorted({*known, *(self.model_extra or {})})
+
+    # What routes/chat.py's sampling_requests reads.
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        return self.stop or []
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT32_MAX
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: parallel lists, ``top_logprobs`` as token → logprob maps."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    """CreateCompletionResponse (also each stream chunk, as the spec has it)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

@@ -1,0 +1,222 @@
+"""POST /v1/completions: the legacy text-completions API (Continue's autocomplete, lm-eval).
+
+Each prompt × ``n`` is one Chat RPC on the raw-prompt path (ChatRequest.prompt or
+prompt_token_ids: no chat template). Choice ``i`` continues prompt ``i // n``, as OpenAI numbers
+them. Errors, streaming, backpressure, deadlines and the extra-field policy are chat's
+(``routes/chat.py``), reused here; only the shapes differ.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from fastapi.sse import format_sse_event
+
+from glmserve.v1 import chat_pb2
+from http_bridge.backend import Backend
+from http_bridge.drain import Drain
+from http_bridge.errors import APIError
+from http_bridge.limits import lease_of
+from http_bridge.metrics import START_KEY, BridgeMetrics
+from http_bridge.protocol import Usage
+from http_bridge.protocol_completions import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+)
+from http_bridge.routes.body import JSONBodyRoute
+from http_bridge.routes.chat import (
+    _ERROR_RESPONSES,
+    _FINISH,
+    ChatStream,
+    ChoiceCalls,
+    SSEResponse,
+    _all_or_cancel,
+    ignored_header,
+    request_id_for,
+    sampling_requests,
+    until_disconnect,
+)
+
+router = APIRouter(tags=["completions"], route_class=JSONBodyRoute)
+
+
+def grpc_requests(body: CompletionRequest, completion_id: str) -> list[chat_pb2.ChatRequest]:
+    requests = []
+    for p, prompt in enumerate(body.prompt):
+        template = chat_pb2.ChatRequest(model=body.model)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            template.prompt = prompt
+        else:
+            template.prompt_token_ids.extend(prompt)
+        requests += sampling_requests(body, template, f"{completion_id}-{p}")
+    return requests
+
+
+def legacy_logprobs(positions: Any, offset: int) -> CompletionLogprobs:
+    """Proto PositionLogprobs → the legacy parallel lists; offsets count characters."""
+    lp = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for p in positions:
+        token = p.chosen.token.decode("utf-8", errors="replace")
+        lp.tokens.append(token)
+        lp.token_logprobs.append(p.chosen.logprob)
+        top = {t.token.decode("utf-8", errors="replace"): t.logprob for t in p.top}
+        lp.top_logprobs.append(top or {token: p.chosen.logprob})
+        lp.text_offset.append(offset)
+        offset += len(token)
+    return lp
+
+
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={
+        200: {
+            "description": "A Completion, or with stream=true an SSE stream of them",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        **_ERROR_RESPONSES,
+    },
+)
+async def create_completion(body: CompletionRequest, request: Request) -> Any:
+    """Create a text completion (OpenAI CreateCompletionRequest); no chat template."""
+    backend: Backend = request.app.state.backend
+    metrics: BridgeMetrics = request.app.state.metrics
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    request_id = request_id_for(request, completion_id)
+    model = await backend.served_model_id(body.model)
+    calls = ChoiceCalls(
+        [backend.chat(r, request_id) for r in grpc_requests(body, completion_id)],
+        metrics,
+        arrived=request.scope.get(START_KEY, time.perf_counter()),
+        stream=bool(body.stream),
+        idle_timeout=request.app.state.settings.backend_idle_timeout,
+        lease=lease_of(request.scope),
+        request_id=request_id,
+        target=backend.target,
+    )
+    headers = {"x-request-id": request_id, **ignored_header(body.ignored_params(), request_id)}
+    try:
+        if body.stream:
+            firsts = await until_disconnect(request, calls.all_first())
+        else:
+            results = await until_disconnect(
+                request, _all_or_cancel([calls.collect(i) for i in range(len(calls.calls))])
+            )
+    except BaseException as err:
+        calls.cancel()
+        if isinstance(err, Exception):
+            api_error = calls.error(err)
+            api_error.extra_headers.update(headers)
+            raise api_error from err
+        raise
+    n = body.choices
+    echoes = [p if body.echo else "" for p in body.prompt for _ in range(n)]
+
+    if body.stream:
+        stream = CompletionStream(
+            calls=calls,
+            firsts=firsts,
+            metrics=metrics,
+            completion_id=completion_id,
+            created=created,
+            model=model,
+            include_usage=body.include_usage,
+            logprobs=body.logprobs is not None,
+            request_id=request_id,
+            drain=getattr(request.app.state, "drain", None) or Drain(),
+            n=n,
+            echoes=echoes,
+        )
+        write_timeout = request.app.state.settings.stream_write_timeout
+        return SSEResponse(stream.events(), headers, write_timeout, request_id)
+
+    choices = []
+    prompt_tokens: dict[int, int] = {}
+    completion_tokens = 0
+    for i, got in enumerate(results):
+        echo = echoes[i]
+        choices.append(
+            CompletionChoice(
+                index=i,
+                text=echo + got.text,
+                finish_reason=_FINISH[got.last.finish_reason],  # type: ignore[arg-type]
+                logprobs=(
+                    legacy_logprobs(got.logprobs, len(echo)) if body.logprobs is not None else None
+                ),
+            )
+        )
+        prompt_tokens[i // n] = got.last.usage.prompt_tokens
+        completion_tokens += got.last.usage.completion_tokens
+    total_prompt = sum(prompt_tokens.values())
+    completion = Completion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=Usage(
+            prompt_tokens=total_prompt,
+            completion_tokens=completion_tokens,
+            total_tokens=total_prompt + completion_tokens,
+        ),
+    )
+    return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
+
+@dataclass
+class CompletionStream(ChatStream):
+    """Chat's stream machinery with text_completion chunks (no role chunk; echo first).
+
+    Mid-stream chunks carry ``finish_reason: null``, as OpenAI and vLLM send them (the spec's
+    CreateCompletionResponse, the only schema it gives for these chunks, requires a string)."""
+
+    n: int = 1
+    echoes: list[str] = field(default_factory=list)
+    _offsets: dict[int, int] = field(default_factory=dict)
+
+    def prompt_of(self, i: int) -> int:
+        return i // self.n
+
+    def _completion_chunk(self, choices: list[CompletionChoice], usage: Usage | None) -> bytes:
+        chunk = Completion(
+            id=self.completion_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+        )
+        # usage only on the last chunk (the spec's field is optional, not nullable).
+        data = chunk.model_dump_json(exclude=None if usage is not None else {"usage"})
+        return format_sse_event(data_str=data)
+
+    def _chunk(self, choices: list, usage: Usage | None = None) -> bytes:
+        return self._completion_chunk(choices, usage)  # only the usage chunk comes here
+
+    def _opening(self, i: int) -> bytes | None:
+        echo = self.echoes[i] if self.echoes else ""
+        self._offsets[i] = len(echo)
+        if not echo:
+            return None
+        choice = CompletionChoice(index=i, text=echo, finish_reason=None)
+        return self._completion_chunk([choice], None)
+
+    def _message_chunks(self, i: int, item: chat_pb2.ChatResponse) -> list[bytes]:
+        if not item.text and not (self.logprobs and item.logprobs):
+            return []
+        lp = legacy_logprobs(item.logprobs, self._offsets[i]) if self.logprobs else None
+        self._offsets[i] += len(item.text)
+        choice = CompletionChoice(index=i, text=item.text, logprobs=lp, finish_reason=None)
+        return [self._completion_chunk([choice], None)]
+
+    def _finish_chunk(self, i: int, reason: str) -> bytes:
+        choice = CompletionChoice(index=i, text="", finish_reason=reason)  # type: ignore[arg-type]
+        return self._completion_chunk([choice], None)
