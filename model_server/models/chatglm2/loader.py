@@ -7,6 +7,7 @@ to tell ChatGLM3 from ChatGLM2), the weights and ``tokenizer.model`` is ever rea
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -17,9 +18,12 @@ from model_server.models.chatglm2.chat_format import ChatGLM2ChatFormat
 from model_server.models.chatglm2.chatglm3 import ChatGLM3ChatFormat
 from model_server.models.chatglm2.config import ChatGLM2Config, read_config_json
 from model_server.models.chatglm2.family import detect_family
+from model_server.models.chatglm2.placement import Plan, device_of, plan_for
 from model_server.models.chatglm2.tokenizer import ChatGLM2Tokenizer
 from model_server.models.chatglm2.weights import checkpoint_shards, load_weights, quantize_linears
 from model_server.models.quant import QuantLinear
+
+log = logging.getLogger(__name__)
 
 # How the original chat samples and guards (see the spec's "Generation" section).
 DEFAULT_TEMPERATURE = 0.8
@@ -60,10 +64,13 @@ def load_chatglm2(
     dtype: torch.dtype | None,
     max_model_len: int | None,
     quantize: int | None = None,
+    device_map: str | Plan | None = None,
 ) -> LoadedModel:
     """Load a ChatGLM2/3 checkpoint folder natively; ModelLoadError says what is wrong.
 
     ``quantize`` (4 or 8, ``--quantize``) quantizes an fp checkpoint's linears at load.
+    ``device_map`` (``--device-map`` policy, or an explicit module → device plan) spreads
+    the blocks over the visible GPUs (``placement.py``); ``device`` is then the fallback.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -91,12 +98,24 @@ def load_chatglm2(
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
 
+    if isinstance(device_map, str):
+        device_map = plan_for(cfg.num_layers, device_map, device)
+    plan = device_map or {"": str(device)}
+    if any(torch.device(d).type not in ("cpu", "cuda") for d in plan.values()):
+        raise ModelLoadError(f"--device-map: only cpu and cuda devices can hold layers: {plan}")
+
     model = build_empty_model(cfg)
     if bits:
         quantize_linears(model, bits, dtype)
-    load_weights(model, shards, cfg, device, dtype)
-    _init_rotary(model, device, cfg.position_scale)
-    if device.type == "cuda":
+    load_weights(model, shards, cfg, lambda name: device_of(plan, name), dtype)
+    _init_rotary(model, device_of(plan, "model.rotary_emb"), cfg.position_scale)
+    if len(set(plan.values())) > 1:
+        from accelerate import dispatch_model
+
+        # Hooks move hidden states (and the rotary table) to each block's device.
+        dispatch_model(model, device_map=plan)
+        log.info("layers placed: %s", sorted(set(plan.values())))
+    if any(torch.device(d).type == "cuda" for d in plan.values()):
         # Packing int4 leaves freed staging blocks in torch's cache: give them back, so the
         # memory at rest is the model's (and the KV pool sized after us sees it free).
         torch.cuda.empty_cache()

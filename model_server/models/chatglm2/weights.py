@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -192,10 +192,15 @@ def load_weights(
     model: nn.Module,
     shards: list[Path],
     cfg: ChatGLM2Config,
-    device: torch.device,
+    device: torch.device | Callable[[str], torch.device],
     dtype: torch.dtype,
 ) -> None:
-    """Replace every meta tensor of ``model`` with the checkpoint's, each copied once."""
+    """Replace every meta tensor of ``model`` with the checkpoint's, each copied once.
+
+    ``device`` may be a function of the module name (``--device-map``: layers on several
+    GPUs), so each tensor goes straight to its own device.
+    """
+    where = device if callable(device) else (lambda _name, d=device: d)
     expected = dict(model.named_parameters())
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for module_name in quant:
@@ -219,7 +224,13 @@ def load_weights(
                         )
                     try:
                         _load_quant_part(
-                            quant[module_name], module_name, leaf, value, mappings, pending, device
+                            quant[module_name],
+                            module_name,
+                            leaf,
+                            value,
+                            mappings,
+                            pending,
+                            where(module_name),
                         )
                     except ValueError as exc:
                         raise ModelLoadError(f"{shard.name}: {name}: {exc}") from exc
@@ -232,7 +243,7 @@ def load_weights(
                     )
                 # A fresh tensor, never an alias of the shard's memory map (its pages are
                 # given back chunk by chunk as they are copied).
-                data = torch.empty(value.shape, dtype=dtype, device=device)
+                data = torch.empty(value.shape, dtype=dtype, device=where(module_name))
                 pages.copy_releasing(data, value, mappings)
                 module = model.get_submodule(module_name)
                 module._parameters[leaf] = nn.Parameter(data, requires_grad=False)
