@@ -168,7 +168,9 @@ def _ll_tokenizer(loaded: LoadedModel, vocab: int) -> Any:
         tokens += [b""] * max(0, vocab - len(tokens))
 
         def __call__(self, text: str | bytes) -> list[int]:
-            return tok.encode(text.decode() if isinstance(text, bytes) else text)
+            # The ids must spell the text exactly (SentencePiece's encode adds a space).
+            encode = getattr(tok, "encode_raw", tok.encode)
+            return encode(text.decode() if isinstance(text, bytes) else text)
 
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapper()), n_vocab=vocab)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from model_server.models.base import ModelLoadError
+from model_server.models.vocab import sentencepiece_bytes
 
 # Appended after the SentencePiece vocabulary, in this order (ids n .. n+4).
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
@@ -47,6 +48,7 @@ class ChatGLM2Tokenizer:
                 "SentencePiece tokenizer is supported"
             ) from exc
         self.sp_vocab_size: int = self._sp.get_piece_size()
+        self._raw: spm.SentencePieceProcessor | None = None  # see encode_raw
         n = self.sp_vocab_size
         self._names = SPECIAL_TOKENS + (ROLE_TOKENS if role_tokens else ())
         self.special_tokens: dict[str, int] = {t: n + i for i, t in enumerate(self._names)}
@@ -101,6 +103,31 @@ class ChatGLM2Tokenizer:
         if run:
             parts.append(self._sp.decode(run))
         return "".join(parts)
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Ids that spell exactly ``text``: no dummy-prefix space, no normalization. What a
+        grammar engine needs when it turns forced bytes into tokens (``encode`` would put a
+        ``▁`` in front of ``{``)."""
+        if self._raw is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self._sp.serialized_model_proto())
+            spec = proto.normalizer_spec
+            spec.add_dummy_prefix = False
+            spec.remove_extra_whitespaces = False
+            spec.name, spec.precompiled_charsmap = "identity", b""
+            self._raw = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return list(self._raw.encode(text, out_type=int))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token spells (``▁`` is a space, ``<0xNN>`` one byte), for grammar
+        engines and logprobs; b"" for every special token (GLM specials, role tokens, unk,
+        bos, eos, padding rows), which text never produces and a grammar must never allow."""
+        plain = 0 <= token_id < self.sp_vocab_size and token_id not in self._skip
+        if plain and not (self._sp.is_control(token_id) or self._sp.is_unknown(token_id)):
+            return sentencepiece_bytes(self._sp.id_to_piece(token_id))
+        return b""
 
     def id_to_piece(self, token_id: int) -> str:
         """The piece string of one id (specials by name), for debugging and tests."""
