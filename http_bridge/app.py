@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
     limiter = Limiter(  # and the rates
         settings.rate_limit, settings.token_rate_limit, settings.max_concurrent_per_key
     )
-    bridge_metrics = BridgeMetrics(backend.available)
+    bridge_metrics = BridgeMetrics(backend.available, backend.calls)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

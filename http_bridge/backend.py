@@ -49,6 +49,8 @@ SERVICE = "glmserve.v1.ChatService"
 # Short RPCs the bridge makes on its own behalf (ListModels, health) never wait this long.
 CONTROL_TIMEOUT = 5.0
 MODEL_CACHE_SECONDS = 30.0
+# One resolution of one --backend name, at most (a failure keeps the addresses it had).
+RESOLVE_TIMEOUT = 5.0
 # How long a silent connection may take to answer a keepalive ping before it is closed.
 KEEPALIVE_TIMEOUT_MS = 5_000
 _STATE_RANK = {
@@ -307,9 +309,10 @@ class Backend:
         """Resolve every name again; a failure or an empty answer keeps what it had."""
         for source in self.sources:
             try:
-                found = await resolve(source)
-            except OSError as err:
-                log.warning("cannot resolve backend %s: %s", source.text, err)
+                # A hung system resolver must not hold the bridge's start or the next round.
+                found = await asyncio.wait_for(resolve(source), RESOLVE_TIMEOUT)
+            except (OSError, TimeoutError) as err:
+                log.warning("cannot resolve backend %s: %s", source.text, err or "timed out")
                 continue
             if found:
                 self._resolved[source] = found
@@ -360,6 +363,10 @@ class Backend:
             pool = [e for e in pool if e.in_flight == low]
         self._turn += 1
         return pool[self._turn % len(pool)]
+
+    def calls(self) -> dict[str, tuple[int, bool]]:
+        """Each endpoint taking calls: (this bridge's calls in flight there, READY?)."""
+        return {e.target: (e.in_flight, e.rank() == 0) for e in self.endpoints()}
 
     def available(self) -> bool:
         """True when some backend is connected and SERVING (health checks gate READY)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,6 +17,8 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,7 +31,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class BridgeMetrics:
     """Requests by route and status, latency, TTFT, streams in flight, backend availability."""
 
-    def __init__(self, backend_available: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        backend_available: Callable[[], bool],
+        backend_calls: Callable[[], dict[str, tuple[int, bool]]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -70,6 +76,33 @@ class BridgeMetrics:
             registry=self.registry,
         )
         self.backend_available.set_function(lambda: 1.0 if backend_available() else 0.0)
+        if backend_calls is not None:
+            self.registry.register(_BackendCollector(backend_calls))
+
+
+class _BackendCollector(Collector):
+    """Per model server (as the bridge found it): its calls in flight and whether it is READY;
+    read at scrape time, so servers that left DNS leave the metrics too."""
+
+    def __init__(self, backend_calls: Callable[[], dict[str, tuple[int, bool]]]) -> None:
+        self.backend_calls = backend_calls
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        calls = GaugeMetricFamily(
+            "glmserve_bridge_backend_calls_in_flight",
+            "Chat calls this bridge has open on each model server (what least-loaded compares).",
+            labels=["backend"],
+        )
+        ready = GaugeMetricFamily(
+            "glmserve_bridge_backend_ready",
+            "1 while the model server is connected and SERVING, else 0.",
+            labels=["backend"],
+        )
+        for target, (in_flight, is_ready) in sorted(self.backend_calls().items()):
+            calls.add_metric([target], in_flight)
+            ready.add_metric([target], 1.0 if is_ready else 0.0)
+        yield calls
+        yield ready
 
 
 access_log = logging.getLogger("http_bridge.access")

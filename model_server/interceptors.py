@@ -48,7 +48,12 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: a bug in one request becomes INTERNAL for that request only.
 
     ``context.abort`` raises an exception that grpc itself handles; those pass through.
+    ``open_streams`` counts the generator streams (Chat) running now, which the drain waits
+    for (health watches never end by themselves).
     """
+
+    def __init__(self) -> None:
+        self.open_streams = 0
 
     async def intercept_service(
         self,
@@ -80,11 +85,14 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                 # Headers now, before any queueing: a client sees the call accepted at once,
                 # and can move it elsewhere when a server stays silent (frozen).
                 await context.send_initial_metadata(())
+                self.open_streams += 1
                 try:
                     async for item in inner_us(request, context):
                         yield item
                 except Exception as exc:  # noqa: BLE001
                     await _internal(method, context, exc)
+                finally:
+                    self.open_streams -= 1
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer

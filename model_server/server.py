@@ -83,7 +83,8 @@ class ModelServer:
         self.metrics = ServerMetrics()
         self.state = ServingState(settings.model_id)
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = [ExceptionInterceptor()]
+        self.exceptions = ExceptionInterceptor()
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.exceptions]
         if settings.auth_token_file:
             # Outermost: a call without the token reaches nothing else.
             interceptors.insert(0, TokenInterceptor(read_token(settings.auth_token_file)))
@@ -229,7 +230,14 @@ class ModelServer:
         log.info("draining", extra={"fields": {"grace_seconds": self.settings.drain_seconds}})
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace=self.settings.drain_seconds)
+        stopping = asyncio.ensure_future(self.server.stop(grace=self.settings.drain_seconds))
+        # Clients' health watches (one per bridge channel) stay open to the end: once the last
+        # Chat stream is done, end them too instead of waiting out the whole grace.
+        while not stopping.done() and self.exceptions.open_streams:
+            await asyncio.wait({stopping}, timeout=0.1)
+        if not stopping.done():
+            await self.server.stop(grace=0)
+        await stopping
         if self.probe_server is not None:  # answered NOT_SERVING throughout the drain
             await self.probe_server.stop(grace=0)
         if self.state.engine is not None:

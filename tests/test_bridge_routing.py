@@ -172,6 +172,33 @@ def test_max_connection_age_recycles_connections(pair: list[Server]) -> None:
         stub.ListModels(chat_pb2.ListModelsRequest(), timeout=5)  # reconnects and serves
 
 
+async def _follow(dns: StubDNS, port: int) -> list[list[str]]:
+    """The Backend's endpoints after each DNS answer below (no servers needed)."""
+    target = f"dns://127.0.0.1:{dns.port}/glm.test:{port}"
+    backend = Backend(Settings(backends=(target,)))
+    seen = []
+    try:
+        for answer in ([HOSTS[0]], [], [HOSTS[1], HOSTS[2]]):
+            dns.addresses = answer
+            await (backend.start() if not seen else backend.refresh())
+            seen.append(sorted(e.target for e in backend.endpoints()))
+    finally:
+        await backend.close()
+    return seen
+
+
+def test_backend_follows_dns_answers() -> None:
+    """Added addresses join, gone ones leave, and an empty answer keeps what was there."""
+    dns = StubDNS("glm.test", [])
+    try:
+        seen = asyncio.run(_follow(dns, 50051))
+    finally:
+        dns.close()
+    first = [f"ipv4:{HOSTS[0]}:50051"]
+    assert seen == [first, first, [f"ipv4:{h}:50051" for h in HOSTS[1:]]]
+    assert dns.queries >= 6  # A and AAAA per round, asked of this server
+
+
 class Load:
     """Threads that post short chats to the bridge until stopped; every outcome is kept."""
 
@@ -207,8 +234,7 @@ def test_dns_scale_out_then_drain_under_load(
     dns = StubDNS("glm.test", [HOSTS[0]])
     target = f"dns://127.0.0.1:{dns.port}/glm.test:{port}"
     bridge = spawn_bridge("--backend", target, "--backend-resolve-seconds", "0.5", "--no-ui")
-    # Started after the bridge. Its drain waits for the bridge's health watch too: keep it short.
-    third = spawn_server(tiny_model_dir, HOSTS[2], port, "--drain-seconds", "3")
+    third = spawn_server(tiny_model_dir, HOSTS[2], port)  # started after the bridge
     load = None
     try:
         wait_until(lambda: httpx.get(bridge.url + "/health").status_code == 200, 20, "healthy")
@@ -226,14 +252,22 @@ def test_dns_scale_out_then_drain_under_load(
             "every server answering",
         )
         assert took < 30
+        ready = [k for k, v in bridge.metrics().items() if "backend_ready" in k and v == 1]
+        assert sorted(ready) == [
+            f'glmserve_bridge_backend_ready{{backend="ipv4:{h}:{port}"}}' for h in HOSTS
+        ]
         print(f"every server answering {took:.1f} s after DNS listed them")
 
         # 3 -> 2: the third leaves DNS and drains at the same moment; nothing fails.
         dns.addresses = list(HOSTS[:2])
         third.proc.proc.send_signal(signal.SIGTERM)
+        # Its drain ends with its last Chat stream, not at --drain-seconds (30): the bridge's
+        # health watch does not hold it.
         assert third.proc.proc.wait(15) == 0
         count = len(load.outcomes)
         wait_until(lambda: len(load.outcomes) > count + 5, 20, "more answers after the drain")
+        gone = f'glmserve_bridge_backend_ready{{backend="ipv4:{HOSTS[2]}:{port}"}}'
+        wait_until(lambda: gone not in bridge.metrics(), 10, "the drained server forgotten")
     finally:
         outcomes = load.stop() if load else []
         third.proc.stop(signal.SIGKILL)
