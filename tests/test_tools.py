@@ -241,3 +241,56 @@ def test_native_hermes_calls_are_parsed(hermes_model_dir: Path) -> None:
                                                max_tokens=50)  # fmt: skip
         assert plain.choices[0].message.content == SCRIPT
         server.stop(signal.SIGKILL)
+
+
+def test_langchain_bind_tools_and_structured_output(client: openai.OpenAI, model: str) -> None:
+    """LangChain's ChatOpenAI as agents use it: bind_tools (named and auto) and
+    with_structured_output (json_schema), against the tiny random model."""
+    from typing import Literal
+
+    import pydantic
+    from langchain_openai import ChatOpenAI
+
+    # extra="forbid": additionalProperties false, or a random model may add properties forever.
+    class GetWeather(pydantic.BaseModel, extra="forbid"):
+        """The weather in a city now."""
+
+        city: str = pydantic.Field(max_length=12)
+        unit: Literal["celsius", "fahrenheit"]
+
+    class Person(pydantic.BaseModel, extra="forbid"):
+        name: str = pydantic.Field(max_length=12)
+        age: int
+
+    llm = ChatOpenAI(base_url=str(client.base_url), api_key="unused", model=model,
+                     max_retries=0, temperature=0.7, max_tokens=200, seed=1)  # fmt: skip
+    forced = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke("Weather in Paris?")
+    [call] = forced.tool_calls
+    assert call["name"] == "GetWeather" and call["id"].startswith("call_")
+    GetWeather(**call["args"])
+    auto = llm.bind_tools([GetWeather]).invoke("Hi!")  # no tool_choice: auto, never a 400
+    for call in auto.tool_calls:
+        GetWeather(**call["args"])
+    person = llm.with_structured_output(Person).invoke("Describe someone.")
+    assert isinstance(person, Person)
+
+
+def test_forced_call_on_chatglm2(tiny_chatglm2_dir: Path) -> None:
+    """ChatGLM2 has no tool format and a SentencePiece vocabulary: the generic format's
+    constrained call is still valid (the grammar engine reads its tokens' own bytes)."""
+    with start_model_server(str(tiny_chatglm2_dir)) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            for seed in range(3):
+                request = chat_pb2.ChatRequest(
+                    messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content="Paris?")],
+                    tools=[chat_pb2.Tool(name="get_weather", parameters=json.dumps(WEATHER))],
+                    tool_choice=chat_pb2.TOOL_CHOICE_MODE_REQUIRED, parallel_tool_calls=False,
+                    max_tokens=120, temperature=0.8, seed=seed,
+                )  # fmt: skip
+                last = list(stub.Chat(request))[-1]
+                assert last.finish_reason == chat_pb2.FINISH_REASON_TOOL_CALLS
+                [call] = last.tool_calls
+                assert call.name == "get_weather" and call.id.startswith("call_")
+                jsonschema.validate(json.loads(call.arguments), WEATHER)
+        server.stop(signal.SIGKILL)

@@ -81,8 +81,9 @@ class GrammarMatcher:
 
     @property
     def done(self) -> bool:
-        """The reply is complete: only end-of-sequence may follow."""
-        return self._matcher.is_stopped()
+        """The reply is complete: only end-of-sequence may follow (never after an error: the
+        row then fails at its next mask)."""
+        return self.error is None and self._matcher.is_stopped()
 
 
 class Grammars:
@@ -161,11 +162,17 @@ def _ll_tokenizer(loaded: LoadedModel, vocab: int) -> Any:
 
     tok = loaded.tokenizer
 
+    # A token that spells no text (special, padding row) would match "nothing" anywhere:
+    # llguidance's marker for special tokens (a leading 0xFF, never valid UTF-8) keeps the
+    # grammar from ever allowing it.
+    table = [token_bytes(tok, i) for i in range(tok.vocab_size)]
+    table += [b""] * max(0, vocab - len(table))
+    table = [b or b"\xff<|special_%d|>" % i for i, b in enumerate(table)]
+
     class _Wrapper:
         eos_token_id = eos[0] if eos else 0
         bos_token_id = None
-        tokens = [token_bytes(tok, i) for i in range(tok.vocab_size)]
-        tokens += [b""] * max(0, vocab - len(tokens))
+        tokens = table
 
         def __call__(self, text: str | bytes) -> list[int]:
             # The ids must spell the text exactly (SentencePiece's encode adds a space).
