@@ -158,6 +158,12 @@ NOMAX_TARGET = (
     "nomax: 48 streams without max_tokens all run at once (max glmserve_requests_running)"
 )
 LONGPROMPT_TARGET = "longprompt: no errors, peak RSS <= RSS before + configured KV bytes + overhead"
+SLOWREADERS_TARGET = (
+    "slowreaders: c=16 tok/s beside slow SSE readers (200) within 10% of alone, bridge RSS "
+    "+ < 100 MiB, every slow stream closed by --stream-write-timeout"
+)
+SLOWREADERS_MIN_RATIO = 0.9
+SLOWREADERS_MAX_RSS_GROWTH = 100 * 2**20
 
 
 def longprompt_bound(s: dict[str, Any]) -> tuple[float, float] | None:
@@ -175,7 +181,12 @@ def longprompt_bound(s: dict[str, Any]) -> tuple[float, float] | None:
 def scenario_targets(result: Result) -> list[dict[str, Any]]:
     """One check per scenario that ran (``result["scenarios"]``); a failed run is a MISS."""
     out = []
-    titles = {"multiturn": MULTITURN_TARGET, "nomax": NOMAX_TARGET, "longprompt": LONGPROMPT_TARGET}
+    titles = {
+        "multiturn": MULTITURN_TARGET,
+        "nomax": NOMAX_TARGET,
+        "longprompt": LONGPROMPT_TARGET,
+        "slowreaders": SLOWREADERS_TARGET,
+    }
     for name, s in (result.get("scenarios") or {}).items():
         title = titles.get(name, name)
         if s.get("error"):
@@ -186,7 +197,32 @@ def scenario_targets(result: Result) -> list[dict[str, Any]]:
             out.append(_nomax_check(title, s))
         elif name == "longprompt":
             out.append(_longprompt_check(title, s))
+        elif name == "slowreaders":
+            out.append(_slowreaders_check(title, s))
     return out
+
+
+def _slowreaders_check(title: str, s: dict[str, Any]) -> dict[str, Any]:
+    ratio, growth = s.get("tok_s_ratio"), s.get("bridge_rss_growth")
+    slow, cut = int(s.get("slow_readers", 0)), int(s.get("slow_closed_by_timeout", 0))
+    alone, beside = s.get("alone") or {}, s.get("beside") or {}
+    errors = int(alone.get("errors", 0)) + int(beside.get("errors", 0))
+    fast = (s.get("beside_fast") or {}).get("tok_s")
+    measured = (
+        f"{slow} slow readers: c={s.get('normal_concurrency')} {_f(beside.get('tok_s'))} tok/s "
+        f"vs {_f(alone.get('tok_s'))} alone ({_f(fast)} beside the same streams read at full "
+        f"speed); bridge RSS +{_mib(growth)}; {cut}/{slow} closed by the "
+        f"{_g(s.get('write_timeout_s'))} s write timeout; {errors} errors"
+    )
+    if ratio is None or growth is None:
+        return _check(title, measured, ratio, None)
+    passed = (
+        ratio >= SLOWREADERS_MIN_RATIO
+        and growth < SLOWREADERS_MAX_RSS_GROWTH
+        and cut == slow
+        and errors == 0
+    )
+    return _check(title, measured, ratio, passed)
 
 
 def _multiturn_check(title: str, s: dict[str, Any]) -> dict[str, Any]:
@@ -305,12 +341,58 @@ def scenarios_text(result: Result) -> str:
             )
             if s.get("error_samples"):
                 parts.append(f"  errors: {s['error_samples']}")
+        elif name == "slowreaders":
+            parts += _slowreaders_text(s)
         if s.get("foreign_cpu") is not None:
             parts.append(
                 f"  ({name}: other CPU {s['foreign_cpu']:.0%}, the share of all cores busy with "
                 "processes outside the benchmark while it ran)"
             )
     return "\n".join(parts)
+
+
+def _slowreaders_text(s: dict[str, Any]) -> list[str]:
+    c, slow = s.get("normal_concurrency"), s.get("slow_readers")
+    lines = [
+        f"slowreaders: a c={c} loop of {s.get('normal_max_tokens')}-token streams for "
+        f"{_f(s.get('seconds'))} s, alone and beside {slow} clients reading 1 B/s "
+        f"({s.get('slow_request')}); model {s.get('model')}",
+        "| run | requests | tok/s | TTFT p50 | TTFT p95 | errors | decode batch | CPU s: server "
+        "/ bridge / clients |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = (
+        (f"c={c} alone", s.get("alone")),
+        (f"c={c} + {slow} read at full speed", s.get("beside_fast")),
+        (f"c={c} + {slow} slow", s.get("beside")),
+    )
+    for label, row in rows:
+        row = row or {}
+        cells = [label, str(row.get("requests", "-")), _f(row.get("tok_s"))]
+        cells += [_cell_ms(row.get("ttft_p50")), _cell_ms(row.get("ttft_p95"))]
+        cells += [str(row.get("errors", "-")), _f(row.get("mean_decode_batch"))]
+        cells.append(" / ".join(_f(row.get(f"{k}_cpu_s")) for k in ("server", "bridge", "client")))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        f"  tok/s beside the slow readers: {_f2(s.get('tok_s_ratio'))}x alone, "
+        f"{_f2(s.get('tok_s_ratio_vs_fast'))}x beside the same streams read at full speed"
+    )
+    lines.append(
+        f"  slow streams: status lines {s.get('slow_statuses')}, "
+        f"{s.get('slow_closed_by_timeout')} closed by the {_g(s.get('write_timeout_s'))} s write "
+        f"timeout, all gone from the bridge {_f(s.get('slow_gone_at_s'))} s and their calls "
+        f"ended on the server {_f(s.get('slow_calls_ended_at_s'))} s after they were sent; "
+        "bridge streams "
+        f"in flight max {_g(s.get('bridge_in_flight_max'))}, at the end "
+        f"{_g(s.get('bridge_in_flight_end'))}; bridge RSS {_mib(s.get('bridge_rss_before'))} "
+        f"before, peak {_mib(s.get('bridge_rss_peak'))}; server gauges at the end running "
+        f"{_g(s.get('running_end'))}, waiting {_g(s.get('waiting_end'))}"
+    )
+    return lines
+
+
+def _f2(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _f(x: float | None) -> str:

@@ -5,7 +5,7 @@
    directly at concurrency 1; samples the server's RSS around the c=64 level and reads its
    queue gauges at the end.
 3. Stops both, then runs the scenarios (``bench/scenarios.py``: multiturn, nomax,
-   longprompt), each on its own fresh stack (``--only-scenarios``: just these).
+   longprompt, slowreaders), each on its own fresh stack (``--only-scenarios``: just these).
 4. Runs the transformers baselines in a separate process (``python -m bench.baselines``) on
    the same prompts, lengths and weights.
 5. Prints the table and the target checks, and writes ``latest.json`` plus a timestamped copy.
@@ -280,6 +280,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "exhausting this machine's memory (0: no cap)",
     )
     p.add_argument(
+        "--slowreaders-model",
+        default="tiny",
+        help="slowreaders: the model server's model: 'tiny' (a tiny random checkpoint built "
+        "for the run, so the bridge is what gets loaded), 'same' (--model's), or a directory",
+    )
+    p.add_argument(
+        "--slow-readers",
+        type=int,
+        default=scenarios.SLOW_READERS,
+        help="slowreaders: clients that read one byte per second",
+    )
+    p.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=scenarios.SLOW_SECONDS,
+        help="slowreaders: seconds of the c=16 loop, alone and beside the slow clients",
+    )
+    p.add_argument(
         "--scenario-time-box",
         type=float,
         default=scenarios.Options.time_box_s,
@@ -315,6 +333,9 @@ def scenario_options(args: argparse.Namespace) -> scenarios.Options:
         long_server_args=None if server_args is None else shlex.split(server_args),
         rss_guard_mib=args.rss_guard_mib,
         time_box_s=args.scenario_time_box,
+        slow_model=args.model if args.slowreaders_model == "same" else args.slowreaders_model,
+        slow_readers=args.slow_readers,
+        slow_seconds=args.slow_seconds,
     )
 
 

@@ -11,6 +11,11 @@ goes into ``latest.json`` under ``scenarios`` and ``bench.report`` checks its ta
   reserves the whole context per request runs only a few of them at once.
 - **longprompt**: one ~6,000-token prompt next to 63 short ones under an explicit, small KV
   budget: memory runs out, so the engine has to preempt (or queue) without blowing up RSS.
+- **slowreaders**: 200 SSE clients that read one byte per second for 60 s beside a c=16 closed
+  loop of normal streams, against the same c=16 loop alone: the bridge's memory, the normal
+  streams' tok/s, and whether ``--stream-write-timeout`` closes the slow streams. It measures
+  the bridge, so by default its model server runs a tiny random checkpoint (on a CPU a real
+  model's batch of 216 rows would be the bottleneck instead); ``slow_model`` picks another.
 
 Server metrics are read with ``prometheus_client``'s parser (:mod:`glmserve.testing`); counters
 the engine does not have yet (prefix cache, preemptions) are recorded as ``None``.
@@ -25,8 +30,11 @@ import math
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import psutil
 from openai import AsyncOpenAI
 
@@ -45,7 +54,7 @@ from .machine import CpuWatch
 from .prompts import PASSAGES, QUESTIONS, prompts
 from .stack import Stack
 
-NAMES: tuple[str, ...] = ("multiturn", "nomax", "longprompt")
+NAMES: tuple[str, ...] = ("multiturn", "nomax", "longprompt", "slowreaders")
 
 # multiturn
 TURNS = 16
@@ -66,6 +75,22 @@ LONG_KV_TOKENS = 12288
 # The RSS allowance over "before + configured KV bytes" (see report.py, longprompt target).
 OVERHEAD_KV_FRACTION = 0.25
 OVERHEAD_BYTES = 256 * 2**20
+
+# slowreaders
+SLOW_READERS = 200
+SLOW_SECONDS = 60.0  # the slow clients read this long; the normal loop runs this long too
+SLOW_NORMAL_CONCURRENCY = 16
+SLOW_WRITE_TIMEOUT = 20.0  # the bridge's --stream-write-timeout in this scenario
+# With 20 top logprobs a token is ~2 KB of SSE, so a slow stream outgrows the ~100 KB held
+# between the bridge and a client (8 messages read ahead, uvicorn's 64 KiB write buffer, ~37 KB
+# in the kernel's socket queues as measured with ss) after ~50 tokens: its writes block early,
+# for little generation.
+SLOW_MAX_TOKENS = 128
+SLOW_TOP_LOGPROBS = 20
+SLOW_RCVBUF = 1024  # the slow clients' SO_RCVBUF (the kernel's minimum applies)
+NORMAL_MAX_TOKENS = 128
+WRITE_TIMEOUT_LOG = "the client read nothing for"  # the bridge's line for a stream it cut
+IN_FLIGHT = "glmserve_bridge_streams_in_flight"
 
 TIMED_OUT = "not done within the scenario's time box"
 SAMPLE_S = 0.2
@@ -347,6 +372,10 @@ class Options:
     long_server_args: list[str] | None = None  # None: the KV flag the server lists, N tokens
     rss_guard_mib: int = 3072  # 0: no RLIMIT_DATA on the longprompt server
     time_box_s: float = 180.0  # the load of one scenario (a conversation, a burst) at most
+    slow_model: str | None = "tiny"  # slowreaders' model: "tiny", None (the bench's), or a dir
+    slow_readers: int = SLOW_READERS
+    slow_seconds: float = SLOW_SECONDS
+    slow_write_timeout: float = SLOW_WRITE_TIMEOUT
 
 
 class Context:
@@ -635,6 +664,292 @@ async def longprompt(ctx: Context, opts: Options, server_args: list[str]) -> dic
     }
 
 
+class SlowReaders:
+    """Streaming requests on raw sockets with a minimal receive buffer, each read one byte per
+    second (in a thread) until :meth:`close`. The first 12 bytes read are the status line."""
+
+    def __init__(self, port: int, body: dict[str, Any], count: int) -> None:
+        data = json.dumps(body).encode()
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: bridge\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        self.socks: list[socket.socket] = []
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(head + data)
+            self.socks.append(sock)
+        self.read = [b""] * count
+        self.eof = [False] * count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for i, sock in enumerate(self.socks):
+                if self.eof[i]:
+                    continue
+                try:
+                    got = sock.recv(1, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    got = b""
+                if got:
+                    self.read[i] += got
+                else:
+                    self.eof[i] = True
+
+    def statuses(self) -> dict[str, int]:
+        """Status lines seen so far (an empty key: fewer than 12 bytes read)."""
+        out: dict[str, int] = {}
+        for r in self.read:
+            key = r[9:12].decode(errors="replace") if len(r) >= 12 else ""
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self.socks:
+            sock.close()
+
+
+@dataclass
+class Load:
+    """What a closed loop of normal streams got."""
+
+    tokens: int = 0
+    requests: int = 0
+    seconds: float = 0.0
+    chats: list[Chat] | None = None
+
+
+async def closed_loop(ctx: Context, concurrency: int, seconds: float) -> Load:
+    """``concurrency`` workers, each sending its next stream (greedy, NORMAL_MAX_TOKENS tokens)
+    as soon as the last one ended, for ``seconds``; the streams open then are finished.
+    Tokens are the usage of the finished streams; seconds run until the last one ended."""
+    texts = prompts(concurrency * 64)
+    chats: list[Chat] = []
+    t0 = time.perf_counter()
+
+    async def worker(w: int) -> None:
+        k = 0
+        while time.perf_counter() - t0 < seconds:
+            text = texts[(w + k * concurrency) % len(texts)]
+            chats.append(
+                await stream_chat(
+                    ctx.client,
+                    ctx.model,
+                    [_user(text)],
+                    max_tokens=NORMAL_MAX_TOKENS,
+                    ignore_eos=True,
+                )
+            )
+            k += 1
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    tokens = sum(c.completion_tokens or 0 for c in chats if c.ok)
+    return Load(tokens, len(chats), time.perf_counter() - t0, chats)
+
+
+DECODE_ROWS = 'glmserve_batch_size_sum{phase="decode"}'
+DECODE_STEPS = 'glmserve_batch_size_count{phase="decode"}'
+
+
+def cpu_seconds(stack: Stack) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the server, the bridge and this process."""
+    out: dict[str, float] = {}
+    for name, pid in (
+        ("server", stack.server.pid if stack.server else None),
+        ("bridge", stack.bridge.pid if stack.bridge else None),
+        ("client", os.getpid()),
+    ):
+        with contextlib.suppress(psutil.Error, TypeError):
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system
+    return out
+
+
+async def measured(stack: Stack, load: Awaitable[Load]) -> tuple[Load, dict[str, float | None]]:
+    """``load`` plus what it cost: CPU seconds per process, and the model server's mean decode
+    batch (rows per step) while it ran."""
+    cpu0, m0 = cpu_seconds(stack), read_metrics(stack)
+    out = await load
+    cpu1, m1 = cpu_seconds(stack), read_metrics(stack)
+    rows, steps = delta(m0, m1, DECODE_ROWS), delta(m0, m1, DECODE_STEPS)
+    cost: dict[str, float | None] = {f"{k}_cpu_s": cpu1[k] - cpu0[k] for k in cpu1 if k in cpu0}
+    cost["mean_decode_batch"] = rows / steps if rows is not None and steps else None
+    return out, cost
+
+
+def _load_row(load: Load, cost: dict[str, float | None]) -> dict[str, Any]:
+    chats = load.chats or []
+    ttfts = [c.ttft for c in chats if c.ok and c.ttft is not None]
+    return {
+        **cost,
+        "requests": load.requests,
+        "tokens": load.tokens,
+        "seconds": load.seconds,
+        "tok_s": load.tokens / load.seconds if load.seconds else None,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p95": percentile(ttfts, 95),
+        **_errors(chats),
+    }
+
+
+@dataclass
+class BridgeWatch:
+    """The bridge's RSS and its streams-in-flight gauge, sampled while slow readers run."""
+
+    rss_peak: int = 0
+    in_flight_max: float = 0.0
+    # When the gauge first fell back to the normal loop's streams or fewer after its peak:
+    # the slow streams are gone.
+    slow_gone_at_s: float | None = None
+    # The same for the model server's running gauge (a call counts until it ends, so this is
+    # when the server had ended the slow streams' calls: done, or cancelled by the cut).
+    slow_calls_ended_at_s: float | None = None
+    running_max: float = 0.0
+    samples: int = 0
+
+
+async def watch_bridge(
+    stack: Stack, watch: BridgeWatch, stop: asyncio.Event, normal: int, every: float = 0.25
+) -> None:
+    assert stack.bridge is not None
+    bridge = stack.bridge
+    proc = psutil.Process(bridge.pid)
+    t0 = time.perf_counter()
+    while not stop.is_set():
+        with contextlib.suppress(psutil.Error):
+            watch.rss_peak = max(watch.rss_peak, int(proc.memory_info().rss))
+        with contextlib.suppress(OSError, ValueError):
+            in_flight = (await asyncio.to_thread(bridge.metrics)).get(IN_FLIGHT, 0.0)
+            watch.in_flight_max = max(watch.in_flight_max, in_flight)
+            if watch.slow_gone_at_s is None and watch.in_flight_max > normal >= in_flight:
+                watch.slow_gone_at_s = time.perf_counter() - t0
+        running = metric(await asyncio.to_thread(read_metrics, stack), RUNNING)
+        if running is not None:
+            watch.running_max = max(watch.running_max, running)
+            if watch.slow_calls_ended_at_s is None and watch.running_max > normal >= running:
+                watch.slow_calls_ended_at_s = time.perf_counter() - t0
+        watch.samples += 1
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+
+
+async def fast_readers(url: str, body: dict[str, Any], count: int) -> int:
+    """``count`` streams of ``body`` read as fast as they come (raw bytes, unparsed); bytes."""
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+
+        async def one() -> int:
+            n = 0
+            async with client.stream("POST", url, json=body) as r:
+                async for part in r.aiter_raw():
+                    n += len(part)
+            return n
+
+        return sum(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def slowreaders(ctx: Context, opts: Options) -> dict[str, Any]:
+    """The c=16 loop for ``slow_seconds`` three times: alone; beside ``slow_readers`` streams of
+    the slow request read at full speed (the same generation on the model server, which does
+    not wait for readers); and beside as many slow clients reading 1 B/s until it ends. The
+    last two differ only in how fast the clients read: the bridge's own share."""
+    stack, c = ctx.stack, SLOW_NORMAL_CONCURRENCY
+    assert stack.bridge is not None
+    await ctx.warm_up()
+    log(f"  c={c} alone for {opts.slow_seconds:.0f} s")
+    alone, alone_cost = await measured(stack, closed_loop(ctx, c, opts.slow_seconds))
+    log(f"  alone: {alone.requests} requests, {alone.tokens / alone.seconds:.1f} tok/s")
+    settled_alone = await gauges_settle(stack)
+    bridge = stack.bridge
+    body = {
+        "model": ctx.model,
+        "messages": [_user(QUESTIONS[1])],
+        "stream": True,
+        "max_tokens": SLOW_MAX_TOKENS,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": SLOW_TOP_LOGPROBS,
+    }
+    log(f"  c={c} beside {opts.slow_readers} streams read at full speed")
+    fast_job = asyncio.ensure_future(
+        fast_readers(stack.base_url + "/chat/completions", body, opts.slow_readers)
+    )
+    fast, fast_cost = await measured(stack, closed_loop(ctx, c, opts.slow_seconds))
+    fast_bytes = await fast_job
+    log(f"  fast: {fast.requests} requests, {fast.tokens / fast.seconds:.1f} tok/s")
+    await gauges_settle(stack)
+    rss_before = int(psutil.Process(bridge.pid).memory_info().rss)
+    cut_before = bridge.log_text().count(WRITE_TIMEOUT_LOG)
+    watch, stop = BridgeWatch(), asyncio.Event()
+    watcher = asyncio.ensure_future(watch_bridge(stack, watch, stop, c))
+    readers = await asyncio.to_thread(SlowReaders, bridge.port, body, opts.slow_readers)
+    log(f"  {opts.slow_readers} slow readers sent; c={c} beside them")
+    try:
+        beside, beside_cost = await measured(stack, closed_loop(ctx, c, opts.slow_seconds))
+        log(f"  beside: {beside.requests} requests, {beside.tokens / beside.seconds:.1f} tok/s")
+        statuses = readers.statuses()
+        cut = bridge.log_text().count(WRITE_TIMEOUT_LOG) - cut_before
+        eof = sum(readers.eof)
+        bytes_read = [len(r) for r in readers.read]
+    finally:
+        readers.close()
+    stop.set()
+    await watcher
+    settled = await gauges_settle(stack)
+    in_flight_end = None
+    with contextlib.suppress(OSError, ValueError):
+        in_flight_end = bridge.metrics().get(IN_FLIGHT)
+    a, b = _load_row(alone, alone_cost), _load_row(beside, beside_cost)
+    f = _load_row(fast, fast_cost)
+    return {
+        "slow_readers": opts.slow_readers,
+        "seconds": opts.slow_seconds,
+        "normal_concurrency": c,
+        "normal_max_tokens": NORMAL_MAX_TOKENS,
+        "write_timeout_s": opts.slow_write_timeout,
+        "slow_request": {k: v for k, v in body.items() if k not in ("model", "messages")},
+        "alone": a,
+        "beside_fast": {**f, "stream_bytes": fast_bytes},
+        "beside": b,
+        "tok_s_ratio": b["tok_s"] / a["tok_s"] if a["tok_s"] and b["tok_s"] else None,
+        "tok_s_ratio_vs_fast": b["tok_s"] / f["tok_s"] if f["tok_s"] and b["tok_s"] else None,
+        "slow_statuses": statuses,
+        "slow_closed_by_timeout": cut,
+        "slow_eof_seen": eof,  # few: a client reading 1 B/s rarely gets to the close
+        "slow_bytes_read_max": max(bytes_read, default=0),
+        "slow_gone_at_s": watch.slow_gone_at_s,
+        "slow_calls_ended_at_s": watch.slow_calls_ended_at_s,
+        "server_running_max": watch.running_max,
+        "bridge_in_flight_max": watch.in_flight_max,
+        "bridge_in_flight_end": in_flight_end,
+        "bridge_rss_before": rss_before,
+        "bridge_rss_peak": max(watch.rss_peak, rss_before),
+        "bridge_rss_growth": max(watch.rss_peak, rss_before) - rss_before,
+        "bridge_samples": watch.samples,
+        "settle_alone": settled_alone,
+        **settled,
+    }
+
+
+def tiny_checkpoint(out: Path) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer (``tests/tiny_models.py``), built in
+    seconds: a model server that is never the bottleneck on a CPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import make_tiny_llama, smollm_tokenizer_dir
+
+    tokenizer = smollm_tokenizer_dir(out)
+    return str(make_tiny_llama(out / "tiny-llama", tokenizer, max_position_embeddings=1024))
+
+
 async def _run_one(
     name: str, stack: Stack, opts: Options, server_args: list[str]
 ) -> dict[str, Any]:
@@ -646,6 +961,8 @@ async def _run_one(
             out = await multiturn(ctx, opts.time_box_s)
         elif name == "nomax":
             out = await nomax(ctx, opts.time_box_s)
+        elif name == "slowreaders":
+            out = await slowreaders(ctx, opts)
         else:
             out = await longprompt(ctx, opts, server_args)
         # Share of the cores busy with processes outside the benchmark (noise, as for levels).
@@ -659,17 +976,27 @@ async def _run_one(
 def run_scenario(name: str, opts: Options) -> dict[str, Any]:
     """One scenario on its own fresh stack; failures are recorded, not raised."""
     server_args = long_server_args(opts) if name == "longprompt" else []
+    if name == "slowreaders":  # every slow stream and normal one generates at once
+        server_args = ["--max-num-seqs", str(opts.slow_readers + SLOW_NORMAL_CONCURRENCY + 16)]
     t0 = time.perf_counter()
     result: dict[str, Any]
     log(
         f"scenario {name}: starting model-server {shlex.join(server_args) or '(defaults)'} + bridge"
     )
+    model, bridge_args, limit = opts.model, (), opts.time_box_s + 300
     try:
-        with Stack(opts.model, server_args=tuple(server_args)) as stack:
-            log(f"  model server SERVING after {stack.load_seconds:.1f} s")
-            result = asyncio.run(
-                asyncio.wait_for(_run_one(name, stack, opts, server_args), opts.time_box_s + 300)
-            )
+        with tempfile.TemporaryDirectory(prefix="glmserve-bench-") as tmp:
+            if name == "slowreaders":
+                model = opts.slow_model
+                if model == "tiny":
+                    model = tiny_checkpoint(Path(tmp))
+                bridge_args = ("--stream-write-timeout", f"{opts.slow_write_timeout:g}")
+                limit = 3 * opts.slow_seconds + 900
+            with Stack(model, tuple(server_args), bridge_args=bridge_args) as stack:
+                log(f"  model server SERVING after {stack.load_seconds:.1f} s")
+                result = asyncio.run(
+                    asyncio.wait_for(_run_one(name, stack, opts, server_args), limit)
+                )
     except (TimeoutError, Exception) as exc:  # noqa: BLE001 - record and go on
         result = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         log(f"  scenario {name} failed: {result['error'][:300]}")

@@ -241,6 +241,34 @@ def test_scenarios_add_to_level_targets_and_render() -> None:
     assert "scenarios" not in report.render({**FAKE, "targets": report.targets(FAKE)})
 
 
+def _slowreaders(**over: object) -> dict:
+    row = {"requests": 64, "tok_s": 100.0, "errors": 0, "mean_decode_batch": 15.0}
+    s = {
+        "slow_readers": 200,
+        "normal_concurrency": 16,
+        "write_timeout_s": 20.0,
+        "alone": row,
+        "beside": {**row, "tok_s": 95.0, "server_cpu_s": 60.0, "bridge_cpu_s": 3.0},
+        "tok_s_ratio": 0.95,
+        "bridge_rss_growth": 40 * 2**20,
+        "slow_closed_by_timeout": 200,
+        **over,
+    }
+    return {"scenarios": {"slowreaders": s}}
+
+
+def test_slowreaders_target_and_table() -> None:
+    check = report.scenario_targets(_slowreaders())[0]
+    assert check["status"] == "PASS" and check["ratio"] == pytest.approx(0.95)
+    assert "95.0 tok/s vs 100.0 alone" in check["measured"]
+    assert "200/200 closed by the 20 s write timeout" in check["measured"]
+    for over in ({"tok_s_ratio": 0.85}, {"bridge_rss_growth": 100 * 2**20}):
+        assert report.scenario_targets(_slowreaders(**over))[0]["status"] == "MISS"
+    assert report.scenario_targets(_slowreaders(slow_closed_by_timeout=199))[0]["status"] == "MISS"
+    text = report.scenarios_text(_slowreaders())
+    assert "| c=16 + 200 slow | 64 | 95.0 |" in text and "60.0 / 3.0 / -" in text
+
+
 METRICS_TEXT = """# HELP glmserve_requests_running Requests admitted
 # TYPE glmserve_requests_running gauge
 glmserve_requests_running 3.0
