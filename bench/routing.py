@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(args.rounds):  # ABBA: drift on a shared machine hits both policies
             for policy in POLICIES if i % 2 == 0 else POLICIES[::-1]:
                 rows.append({"round": i + 1, **run_policy(policy, servers, longs, args)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # survives a kill
     finally:
         for s in servers:
             s.stop()
