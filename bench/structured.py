@@ -3,13 +3,17 @@
 1. **Validity**: 20 ``response_format: json_schema`` requests at temperature 0.7 through the
    bridge with the openai SDK; every reply must parse and validate against the schema.
 2. **Constraint cost**: per-token latency (time between the first and the last streamed token,
-   divided by the tokens between them) with the schema vs without, at concurrency 1 and 16. The
-   issue's target is at most 1.15x.
+   divided by the tokens between them) with the schema vs without, at concurrency 1 and 16,
+   through the bridge (rounds in ABBA order). The issue's target is at most 1.15x.
+3. **Engine cost** (``--engine``, in-process, no servers): the same model's decode steps for a
+   batch of 1 and 16 rows, sampled plainly vs every row under the schema's grammar (mask,
+   sample, advance; a finished grammar starts over), in *CPU time* of the process on one torch
+   thread: wall-clock latency on a shared box moves with everyone else's load, CPU time much
+   less (and idle intra-op threads spinning would bill it for nothing).
 
-    .venv/bin/python -m bench.structured [--json out.json] [--model DIR]
+    .venv/bin/python -m bench.structured [--json out.json] [--model DIR] [--engine]
 
-Prints a table and the JSON. On a shared CPU the numbers move with the load (``loadavg`` is
-recorded); compare the two columns of one run.
+Prints a table and the JSON (``loadavg`` is recorded).
 """
 
 from __future__ import annotations
@@ -112,12 +116,88 @@ async def run(base_url: str) -> dict[str, Any]:
     await timed(client, model, True, 0)  # warm-up: the grammar engine's tokenizer (~1 s)
     out: dict[str, Any] = {"validity": await validity(client, model), "levels": {}}
     for c in (1, 16):
-        plain = await level(client, model, False, c)
-        log(f"c={c} plain: {plain}")
-        schema = await level(client, model, True, c)
-        log(f"c={c} schema: {schema}")
+        # ABBA: the machine's load drifts; each side gets an early and a late round.
+        runs = {False: [], True: []}
+        for constrained in (False, True, True, False):
+            runs[constrained].append(await level(client, model, constrained, c))
+            log(f"c={c} {'schema' if constrained else 'plain'}: {runs[constrained][-1]}")
+        plain, schema = (
+            {
+                "requests": sum(r["requests"] for r in rs),
+                "mean_tokens": round(statistics.mean(r["mean_tokens"] for r in rs), 1),
+                "per_token_ms": round(statistics.mean(r["per_token_ms"] for r in rs), 2),
+            }
+            for rs in (runs[False], runs[True])
+        )
         ratio = schema["per_token_ms"] / plain["per_token_ms"]
         out["levels"][str(c)] = {"plain": plain, "schema": schema, "ratio": round(ratio, 3)}
+    return out
+
+
+def engine_cost(model: str | None, steps: int = 32) -> dict[str, Any]:
+    """CPU seconds per decode step, plain vs constrained, at batch 1 and 16 (in-process)."""
+    import torch
+
+    from model_server.engine import kv
+    from model_server.engine.grammar import Grammars
+    from model_server.engine.runner import ModelRunner
+    from model_server.engine.sampling import RowSampling, sample
+    from model_server.engine.types import SamplingParams
+    from model_server.models import DEFAULT_MODEL
+    from model_server.models.base import ChatMessage
+    from model_server.models.registry import load_model
+
+    # One thread: on a shared box, idle intra-op threads spin and bill CPU time for nothing.
+    torch.set_num_threads(1)
+    loaded = load_model(model or DEFAULT_MODEL, torch.device("cpu"), "auto", None)
+    runner = ModelRunner(loaded)
+    grammars = Grammars(loaded, runner.vocab)
+    grammar = grammars.json_schema(SCHEMA, "bench")
+    prompt = loaded.chat_format.render([ChatMessage("user", PROMPT[0]["content"])])
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        for batch in (1, 16):
+            per_mode = {}
+            for constrained in (False, True, True, False):  # ABBA
+                cache = kv.new_cache()
+                ids = torch.tensor([prompt] * batch)
+                mask = torch.ones_like(ids)
+                logits = runner.forward(
+                    ids, mask, torch.arange(len(prompt)).expand(batch, -1), cache
+                )
+                matchers = [grammars.matcher(grammar) for _ in range(batch)] if constrained else []
+                rows = [
+                    RowSampling(
+                        SamplingParams(max_tokens=steps, temperature=0.7),
+                        torch.Generator().manual_seed(i),
+                        0,
+                        logit_masks=[matchers[i].mask] if constrained else [],
+                    )  # fmt: skip
+                    for i in range(batch)
+                ]
+                spent = 0.0
+                for step in range(steps):
+                    t0 = time.process_time()
+                    result = sample(logits, rows, frozenset(), None)
+                    tokens = [t or 0 for t in result.tokens]
+                    for i, m in enumerate(matchers):
+                        m.accept(tokens[i])
+                        if m.done or m.error:  # keep every row constrained: start over
+                            matchers[i] = grammars.matcher(grammar)
+                            rows[i].logit_masks = [matchers[i].mask]
+                    mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+                    pos = torch.full((batch, 1), len(prompt) + step)
+                    logits = runner.forward(torch.tensor([[t] for t in tokens]), mask, pos, cache)
+                    spent += time.process_time() - t0
+                per_mode.setdefault(constrained, []).append(spent / steps)
+                log(f"engine batch={batch} constrained={constrained}: {spent / steps * 1e3:.1f} ms")
+            plain = statistics.mean(per_mode[False])
+            schema = statistics.mean(per_mode[True])
+            out[str(batch)] = {
+                "plain_cpu_ms_per_step": round(plain * 1e3, 2),
+                "schema_cpu_ms_per_step": round(schema * 1e3, 2),
+                "ratio": round(schema / plain, 3),
+            }
     return out
 
 
@@ -125,7 +205,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--engine", action="store_true", help="only the in-process engine cost")
     args = parser.parse_args()
+    if args.engine:
+        results = {"engine": engine_cost(args.model), "loadavg": os.getloadavg()}
+        print("| batch | plain CPU ms/step | schema CPU ms/step | ratio (target <= 1.15) |")
+        print("|---|---|---|---|")
+        for b, r in results["engine"].items():
+            print(
+                f"| {b} | {r['plain_cpu_ms_per_step']} | {r['schema_cpu_ms_per_step']} | "
+                f"{r['ratio']} |"
+            )
+        print(json.dumps(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     with Stack(args.model) as stack:
         results = asyncio.run(run(stack.base_url))
     results["loadavg"] = os.getloadavg()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from glmserve.v1 import chat_pb2
 
-from .models.base import ChatMessage, ToolCall, ToolCallParser, ToolSpec
+from .models.base import ChatMessage, ToolCall, ToolSpec, arguments_json
 from .validation import InvalidArgument
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class ToolPlan:
     tools: list[ToolSpec] | None
     messages: list[ChatMessage]
     schema: dict[str, Any] | None = None  # the generic JSON the reply is constrained to
-    parser: Any = field(default=None)  # a fresh ToolCallParser for the reply, or None
+    parser: Any = field(default=None)  # a fresh base.ToolCallParser for the reply, or None
     specs: list[ToolSpec] = field(default_factory=list)  # the request's tools, in order
 
 
@@ -260,7 +260,7 @@ class GenericReplyParser:
         for c in calls:
             if isinstance(c, dict) and isinstance(c.get("name"), str):
                 args = c.get("arguments", {})
-                out.append(ToolCall("", c["name"], json.dumps(args, ensure_ascii=False)))
+                out.append(ToolCall("", c["name"], arguments_json(args)))
         return ("", out) if out else (raw, [])
 
 
@@ -293,11 +293,13 @@ def _decode_partial(body: str, start: int) -> tuple[str, int, bool]:
         if 0xD800 <= code < 0xDC00:  # a surrogate pair: wait for the low half
             if i + 12 > len(body):
                 break
-            low = int(body[i + 8 : i + 12], 16)
-            out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
-            i += 12
-            continue
-        out.append(chr(code))
+            low = int(body[i + 8 : i + 12], 16) if body[i + 6 : i + 8] == "\\u" else -1
+            if 0xDC00 <= low < 0xE000:
+                out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
+                i += 12
+                continue
+        # A lone surrogate is not text (and protobuf refuses it): U+FFFD, as decoders do.
+        out.append("\ufffd" if 0xD800 <= code < 0xE000 else chr(code))
         i += 6
     return "".join(out), i, False
 
@@ -307,6 +309,3 @@ def with_ids(calls: list[ToolCall]) -> list[ToolCall]:
     return [
         c if c.id else ToolCall(f"call_{uuid.uuid4().hex[:24]}", c.name, c.arguments) for c in calls
     ]
-
-
-__all__ = ["GenericReplyParser", "ToolCallParser", "ToolPlan", "grammar_for", "plan", "with_ids"]

@@ -41,3 +41,18 @@ def scripted_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenize
 
     return make_scripted_llama(tmp_path_factory.mktemp("scripted") / "scripted", smollm_tokenizer,
                                SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def api_stack(tiny_model_dir: Path):  # noqa: ANN201 - Iterator[tuple[Proc, Proc]]
+    """One model server (the tiny random Llama) and a bridge in front of it, shared by the API
+    feature tests (logprobs, structured outputs, tools, completions, client shapes): a start
+    costs seconds, and those tests need nothing but a served model."""
+    import signal
+
+    from procs import start_bridge, start_model_server
+
+    with start_model_server(str(tiny_model_dir)) as server:
+        with start_bridge("--backend", server.target, "--no-ui") as bridge:
+            yield server, bridge
+        server.stop(signal.SIGKILL)

@@ -10,13 +10,11 @@ options go); ``max_tokens`` is kept small so the test stays fast. Streams are re
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from procs import start_bridge, start_model_server
+from procs import Proc
 
 CHAT = "/v1/chat/completions"
 HISTORY = [
@@ -88,14 +86,9 @@ SHAPES: list[tuple[str, dict]] = [
 
 
 @pytest.fixture(scope="module")
-def http(tiny_model_dir: Path) -> Iterator[httpx.Client]:
-    with start_model_server(str(tiny_model_dir)) as server:
-        with (
-            start_bridge("--backend", server.target, "--no-ui") as bridge,
-            httpx.Client(base_url=bridge.url, timeout=120) as client,
-        ):
-            yield client
-        server.stop(signal.SIGKILL)
+def http(api_stack: tuple[Proc, Proc]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_stack[1].url, timeout=120) as client:
+        yield client
 
 
 @pytest.mark.parametrize(("client", "body"), SHAPES, ids=[s[0] for s in SHAPES])

@@ -4,21 +4,16 @@ the openai SDK's ``client.completions``: no chat template, text and token-id pro
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-from procs import start_bridge, start_model_server
+from procs import Proc
 
 
 @pytest.fixture(scope="module")
-def client(tiny_model_dir: Path) -> Iterator[openai.OpenAI]:
-    with start_model_server(str(tiny_model_dir)) as server:
-        with start_bridge("--backend", server.target, "--no-ui") as bridge:
-            yield openai.OpenAI(base_url=bridge.url + "/v1", api_key="unused", max_retries=0)
-        server.stop(signal.SIGKILL)
+def client(api_stack: tuple[Proc, Proc]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api_stack[1].url + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")

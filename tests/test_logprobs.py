@@ -8,7 +8,6 @@ same tokens (fp32): the served values must match it within 1e-3.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import grpc
 import openai
 import pytest
 import torch
-from procs import Proc, start_bridge, start_model_server
+from procs import Proc
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
@@ -24,16 +23,13 @@ HI = [{"role": "user", "content": "Tell me about the sea."}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[Proc]:
-    with start_model_server(str(tiny_model_dir)) as proc:
-        yield proc
-        proc.stop(signal.SIGKILL)
+def server(api_stack: tuple[Proc, Proc]) -> Proc:
+    return api_stack[0]
 
 
 @pytest.fixture(scope="module")
-def bridge(server: Proc) -> Iterator[Proc]:
-    with start_bridge("--backend", server.target, "--no-ui") as proc:
-        yield proc
+def bridge(api_stack: tuple[Proc, Proc]) -> Proc:
+    return api_stack[1]
 
 
 @pytest.fixture(scope="module")

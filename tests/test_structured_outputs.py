@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import jsonschema
 import openai
 import pydantic
 import pytest
-from procs import Proc, start_bridge, start_model_server
+from procs import Proc
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
@@ -45,16 +42,13 @@ def person_format(schema: dict = PERSON) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[Proc]:
-    with start_model_server(str(tiny_model_dir)) as proc:
-        yield proc
-        proc.stop(signal.SIGKILL)
+def server(api_stack: tuple[Proc, Proc]) -> Proc:
+    return api_stack[0]
 
 
 @pytest.fixture(scope="module")
-def bridge(server: Proc) -> Iterator[Proc]:
-    with start_bridge("--backend", server.target, "--no-ui") as proc:
-        yield proc
+def bridge(api_stack: tuple[Proc, Proc]) -> Proc:
+    return api_stack[1]
 
 
 @pytest.fixture(scope="module")

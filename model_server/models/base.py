@@ -8,6 +8,7 @@ protocols below, so every family batches the same way.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -25,6 +26,15 @@ class ToolCall:
     id: str
     name: str
     arguments: str
+
+
+def arguments_json(arguments: Any) -> str:
+    """A call's arguments as JSON text: UTF-8 as written, unless a ``\\uD800``-style escape
+    decoded to a lone surrogate (protobuf strings must be valid UTF-8): then ASCII escapes."""
+    text = json.dumps(arguments, ensure_ascii=False)
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        return json.dumps(arguments)
+    return text
 
 
 @dataclass(frozen=True)

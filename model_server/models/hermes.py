@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from .base import ToolCall
+from .base import ToolCall, arguments_json
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -40,7 +40,7 @@ def parse_call(body: str) -> ToolCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall("", obj["name"], json.dumps(args, ensure_ascii=False))
+    return ToolCall("", obj["name"], arguments_json(args))
 
 
 class HermesToolParser:
