@@ -33,9 +33,12 @@ HI = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
 
 
 def workload(n: int, long_share: float, seed: int) -> list[bool]:
-    """Which requests are long, in order (the same for every policy)."""
-    rng = random.Random(seed)
-    return [rng.random() < long_share for _ in range(n)]
+    """Which requests are long, in order (the same for every policy): exactly
+    ``round(n * long_share)`` of them, at seeded random places."""
+    long = round(n * long_share)
+    order = [True] * long + [False] * (n - long)
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def finished(server: Proc) -> float:
