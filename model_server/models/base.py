@@ -120,7 +120,9 @@ class Tokenizer(Protocol):
 
     # Optional: ``token_bytes(token_id) -> bytes``, the raw bytes one token stands for (part of
     # a UTF-8 character, say). Logprobs and grammar engines use it; without it they fall back
-    # to ``decode([token_id])`` (see :func:`token_bytes`).
+    # to ``decode([token_id])`` (see :func:`token_bytes`). Optional too: ``encode_raw(text)``,
+    # ids that spell ``text`` exactly (no SentencePiece dummy-prefix space), for the grammar
+    # engine's forced bytes; ``encode`` otherwise.
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
