@@ -291,3 +291,37 @@ def test_forced_call_on_chatglm2(tiny_chatglm2_dir: Path) -> None:
                 assert call.name == "get_weather" and call.id.startswith("call_")
                 jsonschema.validate(json.loads(call.arguments), WEATHER)
         server.stop(signal.SIGKILL)
+
+
+def test_generic_reply_streams_the_decoded_answer() -> None:
+    """{"response": "..."} arrives token by token: every split gives the same decoded text."""
+    from model_server.tools import GenericReplyParser
+
+    reply = r'{"response":"Hi \"you\"\n\u00e9\ud83d\ude00 \udc00!"}'
+    want = 'Hi "you"\né😀 \ufffd!'
+    for cut in range(1, len(reply)):
+        parser = GenericReplyParser()
+        text = parser.feed(reply[:cut]) + parser.feed(reply[cut:])
+        assert text + parser.finish()[0] == want, cut
+
+
+def test_template_that_refuses_a_late_system_turn_gets_it_merged(smollm_tokenizer: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from model_server.models.base import ChatMessage
+    from model_server.models.hf import TemplateChatFormat
+
+    tok = AutoTokenizer.from_pretrained(smollm_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+        "{{ raise_exception('system only first') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n"
+    )
+    fmt = TemplateChatFormat(tok)
+    text = tok.decode(fmt.render([
+        ChatMessage("system", "S"), ChatMessage("user", "q"), ChatMessage("assistant", "a"),
+        ChatMessage("system", "Sum up."),
+    ]))  # fmt: skip
+    assert text.endswith("<|im_start|>user\nSum up.<|im_end|>\n<|im_start|>assistant")
+    assert text.startswith("<|im_start|>system\nS<|im_end|>")
