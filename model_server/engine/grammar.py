@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # free whitespace can spend its whole budget on newlines.
 JSON_DEFAULTS = {"whitespace_flexible": False}
 MAX_CACHED = 256
+MAX_CACHED_CHARS = 16 * 1024
 
 
 class GrammarMatcher:
@@ -123,7 +124,10 @@ class Grammars:
 
     def check(self, grammar: str, field: str) -> str:
         """The grammar, or InvalidArgument with llguidance's reason (unsupported features)."""
-        error = self._check(grammar)
+        # Small grammars (tool sets, schemas: the ones sent again and again) are cached; a
+        # huge one is not, so the cache stays a few MiB at most.
+        small = len(grammar) <= MAX_CACHED_CHARS
+        error = self._check(grammar) if small else self._check_uncached(grammar)
         if error:
             raise InvalidArgument(field, f"cannot be enforced: {error}")
         return grammar
