@@ -180,8 +180,10 @@ def _ll_tokenizer(loaded: LoadedModel, vocab: int) -> Any:
 
         def __call__(self, text: str | bytes) -> list[int]:
             # The ids must spell the text exactly (SentencePiece's encode adds a space).
-            encode = getattr(tok, "encode_raw", tok.encode)
-            return encode(text.decode() if isinstance(text, bytes) else text)
+            raw = getattr(tok, "encode_raw", None)
+            if raw is not None:  # takes bytes too, partial UTF-8 included
+                return raw(text)
+            return tok.encode(text.decode(errors="replace") if isinstance(text, bytes) else text)
 
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapper()), n_vocab=vocab)
 

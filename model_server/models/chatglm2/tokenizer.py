@@ -104,10 +104,23 @@ class ChatGLM2Tokenizer:
             parts.append(self._sp.decode(run))
         return "".join(parts)
 
-    def encode_raw(self, text: str) -> list[int]:
+    def encode_raw(self, text: str | bytes) -> list[int]:
         """Ids that spell exactly ``text``: no dummy-prefix space, no normalization. What a
         grammar engine needs when it turns forced bytes into tokens (``encode`` would put a
-        ``▁`` in front of ``{``)."""
+        ``▁`` in front of ``{``). Bytes that are not valid UTF-8 (a character cut in two)
+        become SentencePiece's byte-fallback pieces ``<0xNN>``."""
+        if isinstance(text, bytes):
+            try:
+                text = text.decode()
+            except UnicodeDecodeError as exc:
+                head, tail = text[: exc.start], text[exc.start :]
+                ids = self.encode_raw(head)
+                for i, b in enumerate(tail):
+                    try:  # the rest may be valid again after the broken character
+                        return ids + self.encode_raw(tail[i:].decode())
+                    except UnicodeDecodeError:
+                        ids.append(self._sp.piece_to_id(f"<0x{b:02X}>"))
+                return ids
         if self._raw is None:
             from sentencepiece import sentencepiece_model_pb2
 
