@@ -179,6 +179,8 @@ def test_tool_call_arguments_are_literals_only():
     assert parse_tool_call("tool_call(a=open('f'))") is None
     assert parse_tool_call("other(a=1)") is None
     assert parse_tool_call("tool_call(1)") is None
+    assert parse_tool_call("tool_call(a='\x00')") is None  # a NUL byte in the model's text
+    assert parse_tool_call("tool_call(a=" + "[" * 5000 + "]" * 5000 + ")") is None
 
 
 @pytest.mark.parametrize(

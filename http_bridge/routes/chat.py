@@ -378,6 +378,25 @@ class ChoiceCalls:
 
         return await _all_or_cancel([first(i) for i in range(len(self.calls))])
 
+    async def start(
+        self, request: Request, headers: dict[str, str]
+    ) -> tuple[list[chat_pb2.ChatResponse], list[Collected]]:
+        """Streaming: every choice's first message (the status is decided before the 200).
+        Otherwise: every choice read to the end. A client that goes away cancels the calls;
+        any failure cancels them all and becomes the APIError, with ``headers`` on it."""
+        try:
+            if self.stream:
+                return await until_disconnect(request, self.all_first()), []
+            collected = _all_or_cancel([self.collect(i) for i in range(len(self.calls))])
+            return [], await until_disconnect(request, collected)
+        except BaseException as err:
+            self.cancel()
+            if isinstance(err, Exception):
+                api_error = self.error(err)
+                api_error.extra_headers.update(headers)
+                raise api_error from err
+            raise
+
     async def collect(self, i: int) -> Collected:
         """Read choice ``i`` to the end."""
         got = Collected()
@@ -481,20 +500,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         target=backend.target,
     )
     headers = {"x-request-id": request_id, **ignored_header(body.ignored_params(), request_id)}
-    try:
-        if body.stream:
-            firsts = await until_disconnect(request, calls.all_first())
-        else:
-            results = await until_disconnect(
-                request, _all_or_cancel([calls.collect(i) for i in range(len(calls.calls))])
-            )
-    except BaseException as err:
-        calls.cancel()
-        if isinstance(err, Exception):
-            api_error = calls.error(err)
-            api_error.extra_headers.update(headers)
-            raise api_error from err
-        raise
+    firsts, results = await calls.start(request, headers)
 
     if body.stream:
         stream = ChatStream(

@@ -37,11 +37,9 @@ from http_bridge.routes.chat import (
     ChatStream,
     ChoiceCalls,
     SSEResponse,
-    _all_or_cancel,
     ignored_header,
     request_id_for,
     sampling_requests,
-    until_disconnect,
 )
 
 router = APIRouter(tags=["completions"], route_class=JSONBodyRoute)
@@ -105,20 +103,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         target=backend.target,
     )
     headers = {"x-request-id": request_id, **ignored_header(body.ignored_params(), request_id)}
-    try:
-        if body.stream:
-            firsts = await until_disconnect(request, calls.all_first())
-        else:
-            results = await until_disconnect(
-                request, _all_or_cancel([calls.collect(i) for i in range(len(calls.calls))])
-            )
-    except BaseException as err:
-        calls.cancel()
-        if isinstance(err, Exception):
-            api_error = calls.error(err)
-            api_error.extra_headers.update(headers)
-            raise api_error from err
-        raise
+    firsts, results = await calls.start(request, headers)
     n = body.choices
     echoes = [p if body.echo else "" for p in body.prompt for _ in range(n)]
 

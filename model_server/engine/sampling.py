@@ -191,16 +191,17 @@ def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
         k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=dev)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
-    if bool((top_p < 1.0).any()):
+    # Decided on the host: a device tensor's .any() would sync the GPU every step.
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
         drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
         # p < min_p * p_max  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps all.
         floor = logits.max(dim=-1, keepdim=True).values + min_p.log()
         logits = logits.masked_fill(logits < floor, float("-inf"))

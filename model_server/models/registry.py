@@ -3,7 +3,6 @@ transformers causal LM with a chat template. Nothing here runs code from a check
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -38,11 +37,12 @@ def load_model(
     dtype = resolve_dtype(dtype_name, device)
     placement = {"device_map": device_map} if device_map else {}
     bits = {None: None, "int4": 4, "int8": 8}[quantize]
-    if bits and (model == DEFAULT_MODEL or not _is_chatglm(Path(model).expanduser())):
-        raise ModelLoadError(
-            f"--quantize {quantize}: only ChatGLM checkpoints can be quantized at load "
-            f"(--model {model} is not one)"
-        )
+    not_chatglm = ModelLoadError(
+        f"--quantize {quantize}: only ChatGLM checkpoints can be quantized at load "
+        f"(--model {model} is not one)"
+    )
+    if bits and model == DEFAULT_MODEL:
+        raise not_chatglm
     if model == DEFAULT_MODEL:
         return load_default(device, dtype, max_model_len, **placement)
     path = Path(model).expanduser()
@@ -55,14 +55,11 @@ def load_model(
     if not config_file.exists():
         raise ModelLoadError(f"--model {model}: no config.json in that directory")
     config = json.loads(config_file.read_text())
+    if bits and config.get("model_type") != "chatglm":
+        raise not_chatglm
     if config.get("model_type") == "chatglm":
         from .chatglm2 import load_chatglm2
 
-        if device_map and "device_map" not in inspect.signature(load_chatglm2).parameters:
-            raise ModelLoadError(
-                f"--device-map {device_map}: the ChatGLM loader does not place layers over "
-                "several devices yet"
-            )
         return load_chatglm2(
             str(path),
             device,
@@ -73,13 +70,6 @@ def load_model(
         )
     _refuse_remote_code(config, model)
     return load_hf(str(path), device, dtype, max_model_len, **placement)
-
-
-def _is_chatglm(path: Path) -> bool:
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "chatglm"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _refuse_remote_code(config: dict, model: str) -> None:

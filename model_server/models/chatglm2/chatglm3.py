@@ -61,7 +61,7 @@ def parse_tool_call(code: str) -> dict[str, Any] | None:
     """``tool_call(a=1, b='x')`` (or ``**{...}``) → its arguments; None unless all literals."""
     try:
         tree = ast.parse(code.strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # NUL bytes, deep nesting
         return None
     call = tree.body
     if not (
