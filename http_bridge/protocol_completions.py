@@ -42,7 +42,8 @@ class CompletionRequest(_Strict):
     # A string, a list of strings, a list of token ids, or a list of such lists (checked below).
     prompt: Any = Field(json_schema_extra={"description": "string | string[] | int[] | int[][]"})
     suffix: Any = None
-    max_tokens: int | None = Field(default=16, ge=1, le=UINT32_MAX)
+    # 0 only scores the prompt (echo with logprobs, as lm-eval's loglikelihood requests).
+    max_tokens: int | None = Field(default=16, ge=0, le=UINT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=MAX_N)
@@ -133,18 +134,6 @@ class CompletionRequest(_Strict):
             )
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, value: bool | None, info: ValidationInfo) -> bool | None:
-        if value and info.data.get("logprobs") is not None:
-            raise _unsupported(
-                "echo", "echo with logprobs needs the prompt's log-probabilities, not available."
-            )
-        prompt = info.data.get("prompt")
-        if value and prompt and not isinstance(prompt[0], str):
-            raise _unsupported("echo", "echo needs a text prompt (the server returns no text).")
-        return value
-
     @field_validator("stream_options")
     @classmethod
     def _options_need_stream(
@@ -178,6 +167,11 @@ class CompletionRequest(_Strict):
         return self.logprobs
 
     @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's tokens get log-probabilities too."""
+        return bool(self.echo) and self.logprobs is not None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -187,7 +181,9 @@ def _is_id(value: Any) -> bool:
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy shape: parallel lists, ``top_logprobs`` as token → logprob maps."""
+    """The legacy shape: parallel lists, ``top_logprobs`` as token → logprob maps. With echo,
+    the prompt's first token has ``null`` in ``token_logprobs`` and ``top_logprobs`` (nothing
+    precedes it), as OpenAI and vLLM send it."""
 
     tokens: list[str]
     token_logprobs: list[float | None]

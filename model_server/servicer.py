@@ -129,6 +129,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         stream = engine.submit(
             GenerationRequest(request.request_id or self._new_id(), prompt, params, constraint)
         )
+        first = True
         try:
             async for out in stream:
                 if out.finish_reason is FinishReason.ABORTED:
@@ -139,6 +140,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 msg = chat_pb2.ChatResponse(text=text, token_ids=out.token_ids)
                 for token_id, lp in zip(out.token_ids, out.logprobs):  # noqa: B905 - empty when off
                     msg.logprobs.append(self._logprobs(loaded, lp, token_id))
+                if first:
+                    first = False
+                    await self._prompt_extras(loaded, request, prompt, out.prompt_logprobs, msg)
                 if out.finish_reason is not None:
                     msg.finish_reason = _FINISH[out.finish_reason]
                     if parser is not None:
@@ -154,6 +158,32 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             # Cancelled, deadline passed, or the client went away: free the slot at once.
             stream.abort()
+
+    async def _prompt_extras(
+        self,
+        loaded: LoadedModel,
+        request: chat_pb2.ChatRequest,
+        prompt: list[int],
+        scores: list | None,
+        msg: chat_pb2.ChatResponse,
+    ) -> None:
+        """The first message's echo and prompt log-probabilities (the first prompt token has
+        none: logprob 0, no alternatives, as the contract says)."""
+
+        def build() -> None:
+            if request.echo:
+                msg.prompt_text = request.prompt or loaded.tokenizer.decode(prompt)
+            if scores is None or not prompt:
+                return
+            tok = loaded.tokenizer
+            head = chat_pb2.TokenLogprob(token_id=prompt[0], token=token_bytes(tok, prompt[0]))
+            msg.prompt_logprobs.add(chosen=head)
+            for token_id, lp in zip(prompt[1:], scores, strict=True):
+                msg.prompt_logprobs.append(self._logprobs(loaded, lp, token_id))
+
+        if request.echo or scores is not None:
+            # Thousands of token lookups for a long prompt: off the event loop.
+            await asyncio.to_thread(build)
 
     @staticmethod
     def _logprobs(loaded: LoadedModel, lp, token_id: int) -> chat_pb2.PositionLogprobs:  # noqa: ANN001

@@ -75,8 +75,11 @@ def sampling_params(
     req: chat_pb2.ChatRequest, prompt_tokens: int, max_model_len: int, defaults: Defaults
 ) -> SamplingParams:
     """Checks the sampling fields against the prompt length and the model's context."""
+    scoring = _prompt_scoring(req)
+    # Only scoring a prompt (max_tokens 0) needs no room for a reply.
+    scoring_only = scoring is not None and req.HasField("max_tokens") and req.max_tokens == 0
     room = max_model_len - prompt_tokens
-    if room < 1:
+    if room < (0 if scoring_only else 1):
         raise InvalidArgument(
             "messages",
             f"the prompt is {prompt_tokens} tokens, but the model's context is {max_model_len} "
@@ -84,8 +87,8 @@ def sampling_params(
         )
     if req.HasField("max_tokens"):
         max_tokens = req.max_tokens
-        if max_tokens < 1:
-            raise InvalidArgument("max_tokens", "must be at least 1")
+        if max_tokens < 1 and not scoring_only:
+            raise InvalidArgument("max_tokens", "must be at least 1 (0 only with prompt_logprobs)")
         if max_tokens > room:
             raise InvalidArgument(
                 "max_tokens",
@@ -131,4 +134,21 @@ def sampling_params(
         stop=tuple(req.stop),
         max_tokens_requested=req.HasField("max_tokens"),
         logprobs=req.logprobs if req.HasField("logprobs") else None,
+        prompt_logprobs=scoring,
     )
+
+
+def _prompt_scoring(req: chat_pb2.ChatRequest) -> int | None:
+    """prompt_logprobs (and echo): raw completions only, like OpenAI's echo."""
+    raw = bool(req.prompt or req.prompt_token_ids)
+    asked = req.HasField("prompt_logprobs")
+    for name, on in (("prompt_logprobs", asked), ("echo", req.echo)):
+        if on and not raw:
+            raise InvalidArgument(name, "only with a raw prompt (prompt or prompt_token_ids)")
+    if not asked:
+        return None
+    if req.prompt_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(
+            "prompt_logprobs", f"at most {MAX_TOP_LOGPROBS} (got {req.prompt_logprobs})"
+        )
+    return req.prompt_logprobs

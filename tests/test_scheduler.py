@@ -22,6 +22,7 @@ class FakeSeq:
     reserved_blocks: int = 0
     block_hashes: list[bytes] = field(default_factory=list)
     prefix_hit: list[object] = field(default_factory=list)
+    scores_prompt: bool = False
 
     @property
     def tokens(self) -> list[int]:
@@ -155,6 +156,11 @@ def test_prefix_hits_skip_full_cached_blocks_but_always_compute_the_last_token()
     assert other.prefix_hit == [] and other.num_computed == 0  # differs in the first block
     assert sched.prefix_queries == 15 + 12 + 12
     assert sched.prefix_hits == 12 + 8
+    # Prompt log-probabilities need every position's logits: the cache is not used for them.
+    scoring = FakeSeq("scored", conversation + [7], scores_prompt=True)
+    sched.add(scoring)
+    sched.admit()
+    assert scoring.prefix_hit == [] and scoring.num_computed == 0
 
 
 def test_prefill_plan_groups_similar_lengths_within_the_padded_budget_and_chunks_long_ones():

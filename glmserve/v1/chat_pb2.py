@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16glmserve/v1/chat.proto\x12\x0bglmserve.v1\"\x8a\x01\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.glmserve.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.glmserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"M\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"q\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xe8\x05\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.glmserve.v1.Message\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12 \n\x05tools\x18\x0f \x03(\x0b\x32\x11.glmserve.v1.Tool\x12\x30\n\x0btool_choice\x18\x10 \x01(\x0e\x32\x1b.glmserve.v1.ToolChoiceMode\x12\x1c\n\x14tool_choice_function\x18\x11 \x01(\t\x12\x38\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1d.glmserve.v1.StructuredOutput\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x06\x88\x01\x01\x12\r\n\x05min_p\x18\x14 \x01(\x02\x12 \n\x13parallel_tool_calls\x18\x17 \x01(\x08H\x07\x88\x01\x01\x12\x0e\n\x06prompt\x18\x15 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x16 \x03(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_parallel_tool_calls\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"e\n\x10PositionLogprobs\x12)\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x19.glmserve.v1.TokenLogprob\x12&\n\x03top\x18\x02 \x03(\x0b\x32\x19.glmserve.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe0\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.glmserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.glmserve.v1.Usage\x12)\n\ntool_calls\x18\x05 \x03(\x0b\x32\x15.glmserve.v1.ToolCall\x12/\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1d.glmserve.v1.PositionLogprobs\"\x13\n\x11ListModelsRequest\"\xcc\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x03\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_temperature\x18\t \x01(\x02\x12\x15\n\rdefault_top_p\x18\n \x01(\x02\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.glmserve.v1.ModelInfo\"\xba\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.glmserve.v1.Message\x12 \n\x05tools\x18\x03 \x03(\x0b\x32\x11.glmserve.v1.Tool\x12\x30\n\x0btool_choice\x18\x04 \x01(\x0e\x32\x1b.glmserve.v1.ToolChoiceMode\x12\x1c\n\x14tool_choice_function\x18\x05 \x01(\t\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xe4\x01\n\x0b\x43hatService\x12=\n\x04\x43hat\x12\x18.glmserve.v1.ChatRequest\x1a\x19.glmserve.v1.ChatResponse0\x01\x12M\n\nListModels\x12\x1e.glmserve.v1.ListModelsRequest\x1a\x1f.glmserve.v1.ListModelsResponse\x12G\n\x08Tokenize\x12\x1c.glmserve.v1.TokenizeRequest\x1a\x1d.glmserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16glmserve/v1/chat.proto\x12\x0bglmserve.v1\"\x8a\x01\n\x07Message\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.glmserve.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.glmserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"M\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"q\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xa8\x06\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.glmserve.v1.Message\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12 \n\x05tools\x18\x0f \x03(\x0b\x32\x11.glmserve.v1.Tool\x12\x30\n\x0btool_choice\x18\x10 \x01(\x0e\x32\x1b.glmserve.v1.ToolChoiceMode\x12\x1c\n\x14tool_choice_function\x18\x11 \x01(\t\x12\x38\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1d.glmserve.v1.StructuredOutput\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x06\x88\x01\x01\x12\r\n\x05min_p\x18\x14 \x01(\x02\x12 \n\x13parallel_tool_calls\x18\x17 \x01(\x08H\x07\x88\x01\x01\x12\x0e\n\x06prompt\x18\x15 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x16 \x03(\r\x12\x1c\n\x0fprompt_logprobs\x18\x18 \x01(\rH\x08\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x19 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_parallel_tool_callsB\x12\n\x10_prompt_logprobs\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"e\n\x10PositionLogprobs\x12)\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x19.glmserve.v1.TokenLogprob\x12&\n\x03top\x18\x02 \x03(\x0b\x32\x19.glmserve.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xad\x02\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.glmserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.glmserve.v1.Usage\x12)\n\ntool_calls\x18\x05 \x03(\x0b\x32\x15.glmserve.v1.ToolCall\x12/\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1d.glmserve.v1.PositionLogprobs\x12\x36\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1d.glmserve.v1.PositionLogprobs\x12\x13\n\x0bprompt_text\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"\xcc\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x03\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_temperature\x18\t \x01(\x02\x12\x15\n\rdefault_top_p\x18\n \x01(\x02\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.glmserve.v1.ModelInfo\"\xba\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.glmserve.v1.Message\x12 \n\x05tools\x18\x03 \x03(\x0b\x32\x11.glmserve.v1.Tool\x12\x30\n\x0btool_choice\x18\x04 \x01(\x0e\x32\x1b.glmserve.v1.ToolChoiceMode\x12\x1c\n\x14tool_choice_function\x18\x05 \x01(\t\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xe4\x01\n\x0b\x43hatService\x12=\n\x04\x43hat\x12\x18.glmserve.v1.ChatRequest\x1a\x19.glmserve.v1.ChatResponse0\x01\x12M\n\nListModels\x12\x1e.glmserve.v1.ListModelsRequest\x1a\x1f.glmserve.v1.ListModelsResponse\x12G\n\x08Tokenize\x12\x1c.glmserve.v1.TokenizeRequest\x1a\x1d.glmserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'glmserve.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2189
-  _globals['_ROLE']._serialized_end=2284
-  _globals['_TOOLCHOICEMODE']._serialized_start=2287
-  _globals['_TOOLCHOICEMODE']._serialized_end=2453
-  _globals['_FINISHREASON']._serialized_start=2455
-  _globals['_FINISHREASON']._serialized_end=2580
+  _globals['_ROLE']._serialized_start=2330
+  _globals['_ROLE']._serialized_end=2425
+  _globals['_TOOLCHOICEMODE']._serialized_start=2428
+  _globals['_TOOLCHOICEMODE']._serialized_end=2594
+  _globals['_FINISHREASON']._serialized_start=2596
+  _globals['_FINISHREASON']._serialized_end=2721
   _globals['_MESSAGE']._serialized_start=40
   _globals['_MESSAGE']._serialized_end=178
   _globals['_TOOL']._serialized_start=180
@@ -46,25 +46,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STRUCTUREDOUTPUT']._serialized_start=316
   _globals['_STRUCTUREDOUTPUT']._serialized_end=429
   _globals['_CHATREQUEST']._serialized_start=432
-  _globals['_CHATREQUEST']._serialized_end=1176
-  _globals['_TOKENLOGPROB']._serialized_start=1178
-  _globals['_TOKENLOGPROB']._serialized_end=1242
-  _globals['_POSITIONLOGPROBS']._serialized_start=1244
-  _globals['_POSITIONLOGPROBS']._serialized_end=1345
-  _globals['_USAGE']._serialized_start=1347
-  _globals['_USAGE']._serialized_end=1404
-  _globals['_CHATRESPONSE']._serialized_start=1407
-  _globals['_CHATRESPONSE']._serialized_end=1631
-  _globals['_LISTMODELSREQUEST']._serialized_start=1633
-  _globals['_LISTMODELSREQUEST']._serialized_end=1652
-  _globals['_MODELINFO']._serialized_start=1655
-  _globals['_MODELINFO']._serialized_end=1859
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1861
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1921
-  _globals['_TOKENIZEREQUEST']._serialized_start=1924
-  _globals['_TOKENIZEREQUEST']._serialized_end=2110
-  _globals['_TOKENIZERESPONSE']._serialized_start=2112
-  _globals['_TOKENIZERESPONSE']._serialized_end=2187
-  _globals['_CHATSERVICE']._serialized_start=2583
-  _globals['_CHATSERVICE']._serialized_end=2811
+  _globals['_CHATREQUEST']._serialized_end=1240
+  _globals['_TOKENLOGPROB']._serialized_start=1242
+  _globals['_TOKENLOGPROB']._serialized_end=1306
+  _globals['_POSITIONLOGPROBS']._serialized_start=1308
+  _globals['_POSITIONLOGPROBS']._serialized_end=1409
+  _globals['_USAGE']._serialized_start=1411
+  _globals['_USAGE']._serialized_end=1468
+  _globals['_CHATRESPONSE']._serialized_start=1471
+  _globals['_CHATRESPONSE']._serialized_end=1772
+  _globals['_LISTMODELSREQUEST']._serialized_start=1774
+  _globals['_LISTMODELSREQUEST']._serialized_end=1793
+  _globals['_MODELINFO']._serialized_start=1796
+  _globals['_MODELINFO']._serialized_end=2000
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2002
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2062
+  _globals['_TOKENIZEREQUEST']._serialized_start=2065
+  _globals['_TOKENIZEREQUEST']._serialized_end=2251
+  _globals['_TOKENIZERESPONSE']._serialized_start=2253
+  _globals['_TOKENIZERESPONSE']._serialized_end=2328
+  _globals['_CHATSERVICE']._serialized_start=2724
+  _globals['_CHATSERVICE']._serialized_end=2952
 # @@protoc_insertion_point(module_scope)

@@ -405,6 +405,8 @@ class ChoiceCalls:
         while (msg := await self.read(i)) is not None:
             parts.append(msg.text)
             got.logprobs.extend(msg.logprobs)
+            got.prompt_logprobs.extend(msg.prompt_logprobs)  # first message only (completions)
+            got.prompt_text += msg.prompt_text
             last = msg
         if last is None or last.finish_reason not in _FINISH:
             raise APIError(
@@ -426,6 +428,9 @@ class Collected:
     text: str = ""
     last: chat_pb2.ChatResponse = field(default_factory=chat_pb2.ChatResponse)
     logprobs: list[chat_pb2.PositionLogprobs] = field(default_factory=list)
+    # Completions with echo: the prompt as the server decoded it and its log-probabilities.
+    prompt_text: str = ""
+    prompt_logprobs: list[chat_pb2.PositionLogprobs] = field(default_factory=list)
 
 
 def token_logprobs(positions: Any) -> list[TokenLogprob]:

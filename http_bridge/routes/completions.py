@@ -45,7 +45,17 @@ from http_bridge.routes.chat import (
 router = APIRouter(tags=["completions"], route_class=JSONBodyRoute)
 
 
+# A log-probability of -inf (a token the model rules out) as JSON can hold it; vLLM's floor.
+MIN_LOGPROB = -9999.0
+
+
 def grpc_requests(body: CompletionRequest, completion_id: str) -> list[chat_pb2.ChatRequest]:
+    if body.max_tokens == 0 and not body.scores_prompt:
+        raise APIError(
+            400,
+            "max_tokens 0 only scores the prompt: it needs echo: true and logprobs.",
+            param="max_tokens",
+        )
     requests = []
     for p, prompt in enumerate(body.prompt):
         template = chat_pb2.ChatRequest(model=body.model)
@@ -55,22 +65,52 @@ def grpc_requests(body: CompletionRequest, completion_id: str) -> list[chat_pb2.
             template.prompt = prompt
         else:
             template.prompt_token_ids.extend(prompt)
+            template.echo = bool(body.echo)  # the server decodes the ids for the echo
+        if body.scores_prompt:
+            template.prompt_logprobs = body.logprobs or 0
         requests += sampling_requests(body, template, f"{completion_id}-{p}")
     return requests
 
 
-def legacy_logprobs(positions: Any, offset: int) -> CompletionLogprobs:
-    """Proto PositionLogprobs → the legacy parallel lists; offsets count characters."""
+def legacy_logprobs(positions: Any, offset: int, prompt: bool = False) -> CompletionLogprobs:
+    """Proto PositionLogprobs → the legacy parallel lists; offsets count characters. For the
+    prompt (``prompt``), the first token's logprob and alternatives are null."""
     lp = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    for p in positions:
+    for k, p in enumerate(positions):
         token = p.chosen.token.decode("utf-8", errors="replace")
         lp.tokens.append(token)
-        lp.token_logprobs.append(p.chosen.logprob)
-        top = {t.token.decode("utf-8", errors="replace"): t.logprob for t in p.top}
-        lp.top_logprobs.append(top or {token: p.chosen.logprob})
         lp.text_offset.append(offset)
         offset += len(token)
+        if prompt and k == 0:
+            lp.token_logprobs.append(None)
+            lp.top_logprobs.append(None)
+            continue
+        chosen = max(p.chosen.logprob, MIN_LOGPROB)
+        lp.token_logprobs.append(chosen)
+        top = {
+            t.token.decode("utf-8", errors="replace"): max(t.logprob, MIN_LOGPROB) for t in p.top
+        }
+        lp.top_logprobs.append(top or {token: chosen})
     return lp
+
+
+def choice_logprobs(prompt: Any, generated: Any, offset: int) -> CompletionLogprobs:
+    """One choice's logprobs: the echoed prompt's tokens (offsets from 0), then the generated
+    ones (offsets from ``offset``, the echo's length)."""
+    head = legacy_logprobs(prompt, 0, prompt=True)
+    tail = legacy_logprobs(generated, offset)
+    return CompletionLogprobs(
+        tokens=head.tokens + tail.tokens,
+        token_logprobs=head.token_logprobs + tail.token_logprobs,
+        top_logprobs=head.top_logprobs + tail.top_logprobs,
+        text_offset=head.text_offset + tail.text_offset,
+    )
+
+
+def echo_text(prompt: str | list[int], server_text: str) -> str:
+    """What echo prepends: the text prompt as sent, or the server's decoding of the ids
+    (ChatResponse.prompt_text)."""
+    return prompt if isinstance(prompt, str) else server_text
 
 
 @router.post(
@@ -105,7 +145,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     headers = {"x-request-id": request_id, **ignored_header(body.ignored_params(), request_id)}
     firsts, results = await calls.start(request, headers)
     n = body.choices
-    echoes = [p if body.echo else "" for p in body.prompt for _ in range(n)]
+    prompts = [p for p in body.prompt for _ in range(n)]  # choice i continues prompts[i]
 
     if body.stream:
         stream = CompletionStream(
@@ -120,7 +160,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
             request_id=request_id,
             drain=getattr(request.app.state, "drain", None) or Drain(),
             n=n,
-            echoes=echoes,
+            echoes=[
+                echo_text(p, f.prompt_text) if body.echo else ""
+                for p, f in zip(prompts, firsts, strict=True)
+            ],
         )
         write_timeout = request.app.state.settings.stream_write_timeout
         return SSEResponse(stream.events(), headers, write_timeout, request_id)
@@ -129,14 +172,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     prompt_tokens: dict[int, int] = {}
     completion_tokens = 0
     for i, got in enumerate(results):
-        echo = echoes[i]
+        echo = echo_text(prompts[i], got.prompt_text) if body.echo else ""
         choices.append(
             CompletionChoice(
                 index=i,
                 text=echo + got.text,
                 finish_reason=_FINISH[got.last.finish_reason],  # type: ignore[arg-type]
                 logprobs=(
-                    legacy_logprobs(got.logprobs, len(echo)) if body.logprobs is not None else None
+                    choice_logprobs(got.prompt_logprobs, got.logprobs, len(echo))
+                    if body.logprobs is not None
+                    else None
                 ),
             )
         )
@@ -159,7 +204,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
 
 @dataclass
 class CompletionStream(ChatStream):
-    """Chat's stream machinery with text_completion chunks (no role chunk; echo first).
+    """Chat's stream machinery with text_completion chunks (no role chunk; echo first, with
+    the prompt's logprobs when asked for).
 
     Mid-stream chunks carry ``finish_reason: null``, as OpenAI and vLLM send them (the spec's
     CreateCompletionResponse, the only schema it gives for these chunks, requires a string)."""
@@ -189,9 +235,11 @@ class CompletionStream(ChatStream):
     def _opening(self, i: int) -> bytes | None:
         echo = self.echoes[i] if self.echoes else ""
         self._offsets[i] = len(echo)
-        if not echo:
+        scored = self.firsts[i].prompt_logprobs if self.logprobs else None
+        lp = legacy_logprobs(scored, 0, prompt=True) if scored else None
+        if not echo and lp is None:
             return None
-        choice = CompletionChoice(index=i, text=echo, finish_reason=None)
+        choice = CompletionChoice(index=i, text=echo, logprobs=lp, finish_reason=None)
         return self._completion_chunk([choice], None)
 
     def _message_chunks(self, i: int, item: chat_pb2.ChatResponse) -> list[bytes]:

@@ -31,7 +31,7 @@ from ..models.base import LoadedModel
 from . import kv
 from .blocks import PrefixIndex
 from .runner import ModelRunner, kv_bytes_per_token, weight_bytes
-from .sampling import PenaltyState, TokenLogprobs
+from .sampling import PenaltyState, TokenLogprobs, prompt_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .store import KVStore, Lane
@@ -48,6 +48,8 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
+
+NON_FINITE_PROMPT = "the model produced non-finite logits (NaN/inf) over the prompt"
 
 
 @dataclass(frozen=True)
@@ -347,12 +349,17 @@ class Engine:
         ids = torch.tensor([seq.tokens[start : start + n]])
         mask = torch.cat([mask, torch.ones(1, n, dtype=torch.long)], dim=1)
         positions = torch.arange(start, start + n).unsqueeze(0)
+        scoring = seq.scores_prompt
         try:
-            self.runner.forward(ids, mask, positions, cache)
+            logits = self.runner.forward(ids, mask, positions, cache, all_positions=scoring)
         except Exception as exc:  # noqa: BLE001 - pinned on this request alone
             log.exception("prefill chunk failed")
             self.kv.drop_pending(seq)
             self._end([seq], StepFailedError(f"prefill failed: {type(exc).__name__}"))
+            return
+        if scoring and not self._score_prompt(seq, logits[0], start):
+            self.kv.drop_pending(seq)
+            self._end([seq], RowFailedError(NON_FINITE_PROMPT))
             return
         for layer in cache.layers:  # room for the whole prompt: one copy, not one per chunk
             layer.reserve(seq.num_tokens + kv.GROW_TOKENS)
@@ -374,13 +381,23 @@ class Engine:
             new_mask[i, longest - n :] = 1
             positions[i, longest - n :] = torch.arange(s.num_computed, s.num_tokens)
         mask = torch.cat([cached_mask, new_mask], dim=1)
+        scoring = any(s.scores_prompt for s in group)
         t0 = time.perf_counter()
         try:
-            logits = self.runner.forward(ids, mask, positions, cache)
+            logits = self.runner.forward(ids, mask, positions, cache, all_positions=scoring)
         except Exception as exc:  # noqa: BLE001 - this step's requests fail, nobody else
             log.exception("prefill failed")
             self._end(group, StepFailedError(f"prefill failed: {type(exc).__name__}"))
             return
+        unscored: set[int] = set()  # rows whose prompt logits were not finite
+        if scoring:
+            for i, (s, n) in enumerate(zip(group, todo)):
+                # Row i's positions: columns longest - n ..; the last one picks the next token.
+                if s.scores_prompt and not self._score_prompt(
+                    s, logits[i, longest - n : -1], s.num_computed
+                ):
+                    unscored.add(i)
+            logits = logits[:, -1, :].clone()  # the [B, L, V] logits go now
         self.observer.step("prefill", len(group), sum(todo))
         log.debug(
             "prefill %d seqs %d tokens %.1f ms",
@@ -390,6 +407,10 @@ class Engine:
         )
         for s in group:
             s.num_computed = s.num_tokens
+        if scoring:
+            group, cache, mask, logits = self._end_at_prefill(group, unscored, cache, mask, logits)
+            if not group:
+                return
         penalties = None
         if any(s.params.needs_penalties for s in group):
             penalties = PenaltyState(
@@ -422,6 +443,46 @@ class Engine:
         # Admission reserved this; only an estimate's error can make the join short of room.
         self.scheduler.make_room(self.kv.join_cost(len(rows), mask.shape[1]), self._preempt, rows)
         self.kv.join(rows, cache, mask)
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor, start: int) -> bool:
+        """Prompt log-probabilities of the tokens after positions ``start ..`` (one row of
+        ``logits`` each, this prefill step's only), kept on the request until its first output;
+        False when those logits are not finite."""
+        if logits.shape[0] == 0:
+            return True
+        targets = seq.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        scores = prompt_logprobs(logits, targets, seq.params.prompt_logprobs or 0)
+        if scores is None or seq.prompt_scores is None:
+            return False
+        seq.prompt_scores.extend(scores)
+        return True
+
+    def _end_at_prefill(
+        self,
+        group: list[Sequence],
+        unscored: set[int],
+        cache: kv.GrowableCache,
+        mask: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> tuple[list[Sequence], kv.GrowableCache, torch.Tensor, torch.Tensor]:
+        """Ends the rows that are done once prefilled: a prompt whose logits were not finite,
+        and prompt-only requests (max_tokens 0: never sampled, never decoded). Returns the
+        rest of the group with its cache rows and last-position logits."""
+        keep = []
+        for i, s in enumerate(group):
+            if i in unscored:
+                self._end([s], RowFailedError(NON_FINITE_PROMPT))
+            elif s.params.max_tokens == 0:
+                self._cache_prefix(s, cache, mask, i)
+                self.scheduler.finished(s)
+                s.finish_scored()
+            else:
+                keep.append(i)
+        if len(keep) == len(group) or not keep:
+            return [group[i] for i in keep], cache, mask, logits
+        rows = torch.tensor(keep)
+        cache, mask = kv.select(cache, mask, rows)
+        return [group[i] for i in keep], cache, mask, logits[rows.to(logits.device)]
 
     def _cache_prefix(
         self, seq: Sequence, cache: kv.GrowableCache, mask: torch.Tensor, row: int

@@ -35,17 +35,20 @@ class ModelRunner:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: kv.GrowableCache,
+        all_positions: bool = False,
     ) -> torch.Tensor:
-        """Appends the new positions to ``cache``; returns the last position's logits."""
+        """Appends the new positions to ``cache``; returns the last position's logits
+        ([B, V]), or with ``all_positions`` every new position's ([B, L, V]: prompt
+        log-probabilities; L is one prefill step's tokens, so this stays bounded)."""
         out = self._model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_positions else 1,
             **{self._cache_kw: cache},
         )
-        return out.logits[:, -1, :]
+        return out.logits if all_positions else out.logits[:, -1, :]
 
     def sample(
         self,

@@ -13,7 +13,8 @@ have got without it.
 Per-row hooks, for structured output and logprobs: ``RowSampling.logit_masks`` edit a row's
 processed logits in place (e.g. forbid tokens a grammar does not allow), and
 ``RowSampling.logprobs`` asks for the log-softmax of the row's *raw* logits (before penalties,
-temperature or masks, as vLLM reports them). Rows without them cost nothing.
+temperature or masks, as vLLM reports them). Rows without them cost nothing. The prompt's
+log-probabilities (:func:`prompt_logprobs`) are the same values at every prompt position.
 """
 
 from __future__ import annotations
@@ -179,6 +180,27 @@ def sample(
                 [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
             )
     return result
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, targets: Sequence[int], k: int
+) -> list[TokenLogprobs] | None:
+    """Each position's raw log-softmax at the token that follows it (``targets``, one per row
+    of ``logits`` [n, V]) plus the top ``k``; None when the logits are not finite (the request
+    then fails alone, as a row does in :func:`sample`)."""
+    logits = logits.float()
+    if bool(_not_finite(logits).any()):
+        return None
+    lp = logits.log_softmax(dim=-1)
+    idx = torch.tensor(list(targets), device=lp.device).unsqueeze(1)
+    chosen = lp.gather(1, idx).squeeze(1).tolist()
+    if not k:
+        return [TokenLogprobs(c, []) for c in chosen]
+    top = lp.topk(k, dim=-1)
+    return [
+        TokenLogprobs(c, list(zip(i, v)))
+        for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist(), strict=True)
+    ]
 
 
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

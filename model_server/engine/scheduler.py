@@ -40,6 +40,7 @@ class SchedSeq(Protocol):
     reserved_blocks: int
     block_hashes: list[bytes]
     prefix_hit: list[Any]  # cached blocks to load at admission (handed to the KV store)
+    scores_prompt: bool  # needs every prompt position's logits: nothing from the prefix cache
 
     @property
     def tokens(self) -> list[int]:
@@ -202,7 +203,7 @@ class Scheduler:
 
     def _lookup(self, seq: SchedSeq) -> list[Any]:
         tokens = seq.tokens
-        if self.prefix is None:
+        if self.prefix is None or seq.scores_prompt:
             return []
         bs = self.config.block_size
         # The last token is always computed: its logits pick the next token.

@@ -62,6 +62,11 @@ class Sequence:
         self.constraint = request.constraint
         if self.constraint is not None:
             self.sampling.logit_masks.append(self.constraint.mask)
+        # Prompt log-probabilities gathered chunk by chunk at prefill, until the first output
+        # carries them (None: not asked for, or already sent).
+        self.prompt_scores: list[TokenLogprobs] | None = (
+            [] if self.params.prompt_logprobs is not None else None
+        )
 
     @property
     def request_id(self) -> str:
@@ -76,6 +81,12 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Prompt log-probabilities are still to be computed: every prompt position must be
+        prefilled here (the scheduler serves such a request nothing from the prefix cache)."""
+        return self.prompt_scores is not None
+
     def reset_for_recompute(self) -> None:
         """Preempted: the KV is gone; what was generated (and streamed) and the random
         generator's state stay, so the client sees a pause, never a repeated token."""
@@ -83,6 +94,18 @@ class Sequence:
         self.reserved_blocks = 0
         self.prefix_hit = []
         self.cached_blocks = 0
+        if self.prompt_scores is not None:  # preempted mid-prompt: scored again from the start
+            self.prompt_scores = []
+
+    def finish_scored(self) -> None:
+        """max_tokens 0: the prompt is scored, nothing is generated; one output carries the
+        prompt log-probabilities and ends the request (``length``, as OpenAI and vLLM)."""
+        now = time.perf_counter()
+        self.first_token_at = now
+        out = StepOutput(prompt_logprobs=self.prompt_scores)
+        self.prompt_scores = None
+        self._finish(out, FinishReason.LENGTH, now)
+        self.emit(out)
 
     def append_token(
         self,
@@ -120,6 +143,8 @@ class Sequence:
         out = StepOutput(text=text, token_ids=[token])
         if logprobs is not None:
             out.logprobs.append(logprobs)
+        if self.prompt_scores is not None:  # the first output
+            out.prompt_logprobs, self.prompt_scores = self.prompt_scores, None
         if finish is not None:
             self._finish(out, finish, now)
         self.emit(out)

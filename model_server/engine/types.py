@@ -38,6 +38,9 @@ class SamplingParams:
     max_tokens_requested: bool = True
     # Log-probabilities of each generated token plus this many top alternatives; None: off.
     logprobs: int | None = None
+    # The same for every prompt token after the first (computed at prefill; no prefix-cache
+    # reuse). With it max_tokens may be 0: the prompt is scored and nothing is generated.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -76,6 +79,9 @@ class StepOutput:
     token_ids: list[int] = field(default_factory=list)
     # With SamplingParams.logprobs: one sampling.TokenLogprobs per id in token_ids.
     logprobs: list = field(default_factory=list)
+    # With SamplingParams.prompt_logprobs, on the first output only: one TokenLogprobs per
+    # prompt token after the first (the first has none), in order.
+    prompt_logprobs: list | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     # Set on the last output, for logs and metrics.
