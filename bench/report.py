@@ -357,9 +357,9 @@ def _slowreaders_text(s: dict[str, Any]) -> list[str]:
         f"slowreaders: a c={c} loop of {s.get('normal_max_tokens')}-token streams for "
         f"{_f(s.get('seconds'))} s, alone and beside {slow} clients reading 1 B/s "
         f"({s.get('slow_request')}); model {s.get('model')}",
-        "| run | requests | tok/s | TTFT p50 | TTFT p95 | errors | decode batch | CPU s: server "
-        "/ bridge / clients |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | requests | tok/s | TTFT p50 | TTFT p95 | errors | decode batch | tokens decoded "
+        "| streams paused | CPU s: server / bridge / clients |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = (
         (f"c={c} alone", s.get("alone")),
@@ -371,6 +371,7 @@ def _slowreaders_text(s: dict[str, Any]) -> list[str]:
         cells = [label, str(row.get("requests", "-")), _f(row.get("tok_s"))]
         cells += [_cell_ms(row.get("ttft_p50")), _cell_ms(row.get("ttft_p95"))]
         cells += [str(row.get("errors", "-")), _f(row.get("mean_decode_batch"))]
+        cells += [_g(row.get("decoded_tokens")), _g(row.get("stream_pauses"))]
         cells.append(" / ".join(_f(row.get(f"{k}_cpu_s")) for k in ("server", "bridge", "client")))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(

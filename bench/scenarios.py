@@ -81,16 +81,17 @@ SLOW_READERS = 200
 SLOW_SECONDS = 60.0  # the slow clients read this long; the normal loop runs this long too
 SLOW_NORMAL_CONCURRENCY = 16
 SLOW_WRITE_TIMEOUT = 20.0  # the bridge's --stream-write-timeout in this scenario
-# With 20 top logprobs a token is ~2 KB of SSE, so a slow stream outgrows the ~100 KB held
-# between the bridge and a client (8 messages read ahead, uvicorn's 64 KiB write buffer, ~37 KB
-# in the kernel's socket queues as measured with ss) after ~50 tokens: its writes block early,
-# for little generation.
+# With 20 top logprobs a token is ~2 KB of SSE, so a slow stream outgrows the buffers between
+# the engine and the client (the bridge's 16 KiB socket send buffer and 16 KiB write buffer, 4
+# messages read ahead, a 4 KiB gRPC stream window, the server's 8-output backlog) after ~35
+# tokens: then the model server pauses it.
 SLOW_MAX_TOKENS = 128
 SLOW_TOP_LOGPROBS = 20
 SLOW_RCVBUF = 1024  # the slow clients' SO_RCVBUF (the kernel's minimum applies)
 NORMAL_MAX_TOKENS = 128
 WRITE_TIMEOUT_LOG = "the client read nothing for"  # the bridge's line for a stream it cut
 IN_FLIGHT = "glmserve_bridge_streams_in_flight"
+PAUSES = "glmserve_stream_pauses_total"  # the model server's backpressure
 
 TIMED_OUT = "not done within the scenario's time box"
 SAMPLE_S = 0.2
@@ -783,6 +784,8 @@ async def measured(stack: Stack, load: Awaitable[Load]) -> tuple[Load, dict[str,
     rows, steps = delta(m0, m1, DECODE_ROWS), delta(m0, m1, DECODE_STEPS)
     cost: dict[str, float | None] = {f"{k}_cpu_s": cpu1[k] - cpu0[k] for k in cpu1 if k in cpu0}
     cost["mean_decode_batch"] = rows / steps if rows is not None and steps else None
+    cost["decoded_tokens"] = rows  # every stream's, the normal loop's and the others'
+    cost["stream_pauses"] = delta(m0, m1, PAUSES)
     return out, cost
 
 

@@ -76,6 +76,11 @@ def service_config(settings: Settings) -> dict:
     }
 
 
+# A stream's HTTP/2 receive window: ~100 plain token messages, or ~4 with 20 top logprobs.
+# Plenty for a token stream (a window update per 4 KiB read; 10 MB/s per stream on loopback).
+STREAM_WINDOW_BYTES = 4096
+
+
 def channel_options(settings: Settings) -> list[tuple[str, int | str]]:
     backoff_ms = int(settings.max_reconnect_backoff_seconds * 1000)
     options: list[tuple[str, int | str]] = [
@@ -88,6 +93,11 @@ def channel_options(settings: Settings) -> list[tuple[str, int | str]]:
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        # Backpressure reaches the model server: a stream's receive window stays small (with
+        # BDP probing it grows to megabytes, which a client that stops reading lets pile up
+        # here, generated for nothing) so the server's writes wait and it pauses the request.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
     ]
     if settings.keepalive_seconds > 0:
         # The health Watch keeps a call open, so pings flow on idle channels too. The model

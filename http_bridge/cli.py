@@ -7,6 +7,7 @@ import socket
 from collections.abc import Mapping, Sequence
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from glmserve.logs import setup_logging
 from http_bridge.drain import GRACE_SECONDS, Drain
@@ -14,10 +15,25 @@ from http_bridge.settings import CLI, Settings
 
 log = logging.getLogger("http_bridge")
 
-# The kernel send buffer of each connection (Linux doubles it; autotuning would otherwise let it
-# grow to megabytes): with uvicorn's 64 KiB write buffer, what a client that stops reading can
-# hold up before the bridge's writes wait, and --stream-write-timeout starts to count.
-SEND_BUFFER_BYTES = 64 * 1024
+# What a client that stops reading can hold up before the bridge's writes wait (then the
+# bridge stops reading its gRPC stream, the model server pauses the request, and
+# --stream-write-timeout starts to count): the kernel send buffer of each connection (fixed:
+# autotuning would let it grow to megabytes; Linux doubles the value) plus uvicorn's write
+# buffer (asyncio's default high-water mark is 64 KiB). ~32 KiB in all: 16 tokens with 20 top
+# logprobs, ~160 plain ones; still 600 KiB/s for one stream at 50 ms of round trip.
+SEND_BUFFER_BYTES = 16 * 1024
+WRITE_BUFFER_BYTES = 16 * 1024
+
+
+class BoundedBufferProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP/1.1 protocol with the per-connection buffers above."""
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
+        super().connection_made(transport)
 
 
 def parse_settings(
@@ -52,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     app.state.drain = drain
     config = uvicorn.Config(
         app,
+        http=BoundedBufferProtocol,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -60,7 +77,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_graceful_shutdown=settings.drain_seconds + GRACE_SECONDS,
     )
     sock = config.bind_socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)  # accepted ones inherit
     server = _DrainingServer(config, drain, settings.drain_seconds)
     server.run(sockets=[sock])
     if not server.started:  # e.g. the port is taken; uvicorn.run exits the same way

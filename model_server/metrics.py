@@ -21,6 +21,12 @@ class ServerMetrics(EngineObserver):
         self.requests_waiting = Gauge(
             "glmserve_requests_waiting", "Requests queued, not yet admitted", registry=r
         )
+        self.requests_paused = Gauge(
+            "glmserve_requests_paused",
+            "Requests paused because their clients stopped reading (no seat, no KV, nothing "
+            "computed until they read again)",
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "glmserve_prompt_tokens", "Prompt tokens of finished requests", registry=r
         )
@@ -77,6 +83,12 @@ class ServerMetrics(EngineObserver):
             "Requests preempted (KV freed, recomputed later) because the pool ran out",
             registry=r,
         )
+        self.stream_pauses = Counter(
+            "glmserve_stream_pauses",
+            "Times a stream was paused because its client left --max-stream-backlog outputs "
+            "unread",
+            registry=r,
+        )
         self.prefix_queries = Counter(
             "glmserve_prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache at admission",
@@ -101,16 +113,17 @@ class ServerMetrics(EngineObserver):
             "Same as glmserve_kv_cache_usage_ratio (0..1, on the CPU too)",
             registry=r,
         )
-        self._seen = (0, 0, 0)
+        self._seen = (0, 0, 0, 0)
         self.model_loaded = Gauge(
             "glmserve_model_loaded", "1 once the model is loaded and serving", registry=r
         )
 
     # EngineObserver -----------------------------------------------------------------------
 
-    def queue_changed(self, running: int, waiting: int) -> None:
+    def queue_changed(self, running: int, waiting: int, paused: int) -> None:
         self.requests_running.set(running)
         self.requests_waiting.set(waiting)
+        self.requests_paused.set(paused)
         self.gateway_running.set(running)
         self.gateway_waiting.set(waiting)
 
@@ -129,13 +142,16 @@ class ServerMetrics(EngineObserver):
         self.kv_cache_blocks_used.set(used_blocks)
         self.kv_cache_blocks_total.set(total_blocks)
 
-    def scheduler_counters(self, preemptions: int, prefix_queries: int, prefix_hits: int) -> None:
+    def scheduler_counters(
+        self, preemptions: int, prefix_queries: int, prefix_hits: int, pauses: int
+    ) -> None:
         # The engine publishes totals (called from one thread only); counters take deltas.
         seen = self._seen
         self.preemptions.inc(preemptions - seen[0])
         self.prefix_queries.inc(prefix_queries - seen[1])
         self.prefix_hits.inc(prefix_hits - seen[2])
-        self._seen = (preemptions, prefix_queries, prefix_hits)
+        self.stream_pauses.inc(pauses - seen[3])
+        self._seen = (preemptions, prefix_queries, prefix_hits, pauses)
 
     # per request --------------------------------------------------------------------------
 

@@ -191,6 +191,7 @@ class ModelServer:
                 prefill_chunk_tokens=prefill_chunk_for(s.prefill_chunk_tokens, loaded.device.type),
                 prefix_caching=s.prefix_caching,
                 step_timeout=s.step_timeout_seconds,
+                max_stream_backlog=s.max_stream_backlog,
             ),
             self.metrics,
         )

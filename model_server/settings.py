@@ -140,6 +140,14 @@ class Settings:
         "streams keep flowing; `0`: by device",
         default_text="`0` = by device: 256 on CPU, 2048 on GPU",
     )
+    max_stream_backlog: int = setting(
+        8,
+        flag="--max-stream-backlog",
+        env="GLMSERVE_MAX_STREAM_BACKLOG",
+        help="a stream whose client leaves this many outputs unread is paused: its seat, "
+        "compute and KV are freed (full blocks stay in the prefix cache) until the client has "
+        "read all but a quarter of them; `0`: never pause",
+    )
     step_timeout_seconds: float = setting(
         60.0,
         flag="--step-timeout-seconds",
@@ -222,6 +230,8 @@ class Settings:
             raise ValueError("--kv-block-size must be >= 1")
         if self.step_timeout_seconds <= 0:
             raise ValueError("--step-timeout-seconds must be > 0")
+        if self.max_stream_backlog < 0:
+            raise ValueError("--max-stream-backlog must be >= 0")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError("--max-concurrent-rpcs must be >= 1")
         if self.health_port is not None and not 0 < self.health_port < 65536:

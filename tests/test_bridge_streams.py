@@ -126,6 +126,7 @@ def test_slow_readers_are_bounded_cut_and_do_not_slow_others(main: Proc, model_i
         wait_until(lambda: running(main) == 0, 20, "the baseline's generations done")
         rss_before = rss().rss
 
+        pauses = main.metrics().get("glmserve_stream_pauses_total", 0)
         socks = [open_raw_stream(b, body) for _ in range(SLOW_READERS)]
         assert [sock.recv(12) for sock in socks] == [b"HTTP/1.1 200"] * SLOW_READERS
         readers = SlowReaders(socks)
@@ -145,6 +146,10 @@ def test_slow_readers_are_bounded_cut_and_do_not_slow_others(main: Proc, model_i
             peak = max(peak, rss().rss)
             wait_until(lambda: running(main) == 0, 20, "their generations cancelled")
             assert b.log_text().count("the client read nothing for 3 s") == SLOW_READERS
+            # Backpressure reached the model server: each slow stream was paused there (no
+            # seat, nothing computed) once its buffers on the way were full.
+            paused = main.metrics()["glmserve_stream_pauses_total"] - pauses
+            assert paused >= SLOW_READERS, paused
         finally:
             readers.close()
         assert peak - rss_before < 50 * MiB, (rss_before, peak)

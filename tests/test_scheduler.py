@@ -209,3 +209,35 @@ def test_prefix_index_evicts_least_recently_used_first():
     assert index.match([b"x", b"b"]) == []  # a miss stops the prefix
     assert index.evict(2) == 2
     assert len(index) == 1 and b"a" in index and b"b" not in index and b"c" not in index
+
+
+def test_a_paused_request_gives_its_seat_away_and_resumes_at_the_head_of_the_queue():
+    sched, memory = make(seats=1)
+    a, b, c = (FakeSeq(r, [1] * 5) for r in "abc")
+    for s in (a, b, c):
+        sched.add(s)
+    assert sched.admit() == [a]
+    run(sched, memory, [a])
+    a.output = [7, 8]
+    memory.held.pop(id(a))  # the engine frees its KV first
+    sched.park(a)
+    assert (a.state, a.num_computed, sched.num_pauses) == ("paused", 0, 1)
+    assert not sched.running and sched.paused == [a]
+    assert sched.admit() == [b]  # its seat went to the next in line
+    run(sched, memory, [b])
+    sched.finished(b)
+    memory.held.pop(id(b))
+    sched.unpark(a)
+    assert sched.admit() == [a]  # ahead of c, which arrived after it
+    assert a.state == "prefilling" and list(sched.waiting) == [c]
+
+
+def test_paused_requests_are_not_work_but_can_be_aborted():
+    sched, memory = make(seats=2)
+    a = FakeSeq("a", [1] * 5)
+    sched.add(a)
+    sched.admit()
+    run(sched, memory, [a])
+    sched.park(a)
+    assert not sched.has_work()
+    assert sched.remove({id(a)}) == [a] and not sched.paused

@@ -66,12 +66,24 @@ class EngineConfig:
     # Watchdog: a step running longer than this declares the engine dead.
     step_timeout: float = 60.0
     max_lanes: int = 4
+    # Backpressure: a stream whose consumer leaves this many outputs unread is paused (its
+    # seat, compute and KV freed) until it has read all but a quarter of them; 0: never.
+    max_stream_backlog: int = 8
 
 
 class RequestStream:
-    """Async iterator over one request's outputs, fed from the engine thread."""
+    """Async iterator over one request's outputs, fed from the engine thread.
 
-    def __init__(self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    Backpressure: the consumer (the servicer) takes an output only once gRPC has sent the last
+    one, so outputs pile up here when the client does not read. At ``backlog`` unread outputs
+    the request is paused on the engine (seat and KV freed, nothing computed for it); once the
+    consumer is down to a quarter of that, it is resumed. Both are messages to the engine
+    thread, like aborts: the event loop never touches the engine's structures.
+    """
+
+    def __init__(
+        self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop, backlog: int
+    ) -> None:
         self._engine = engine
         self.request_id = request_id
         self._loop = loop
@@ -79,6 +91,8 @@ class RequestStream:
         self.seq: Sequence | None = None
         self._ended = False  # a final output was delivered (event loop)
         self.finished = False  # the consumer saw it
+        self._backlog = backlog
+        self._paused = False
 
     def put_threadsafe(self, out: StepOutput) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
@@ -91,6 +105,14 @@ class RequestStream:
         if out.finish_reason is not None:
             self._ended = True
             self._engine._stream_ended(self)
+        elif (
+            self._backlog
+            and not self._paused
+            and self._queue.qsize() >= self._backlog
+            and self.seq is not None
+        ):
+            self._paused = True
+            self._engine.pause(self.seq)
 
     def fail(self, error: BaseException) -> None:
         """Ends the stream from the event loop (the engine is dead)."""
@@ -104,6 +126,10 @@ class RequestStream:
             out = await self._queue.get()
             if out.finish_reason is not None:
                 self.finished = True
+            elif self._paused and self._queue.qsize() <= self._backlog // 4 and not self._ended:
+                self._paused = False
+                assert self.seq is not None
+                self._engine.resume(self.seq)
             yield out
 
     def abort(self) -> None:
@@ -144,6 +170,8 @@ class Engine:
         # Handed from the event loop to the thread.
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[Sequence] = collections.deque()
+        # (request, True: pause / False: resume), in the order the event loop decided them.
+        self._pauses: collections.deque[tuple[Sequence, bool]] = collections.deque()
         self._wake = threading.Event()
         # Event-loop side only.
         self._streams: dict[int, RequestStream] = {}
@@ -187,7 +215,9 @@ class Engine:
                 f"server busy: {len(self._streams)} requests in flight (--max-num-seqs "
                 f"{cfg.max_num_seqs} + --max-waiting {cfg.max_waiting}); retry later"
             )
-        stream = RequestStream(self, request.request_id, asyncio.get_running_loop())
+        stream = RequestStream(
+            self, request.request_id, asyncio.get_running_loop(), cfg.max_stream_backlog
+        )
         seq = Sequence(
             request,
             stream.put_threadsafe,
@@ -220,6 +250,14 @@ class Engine:
 
     def abort(self, seq: Sequence) -> None:
         self._aborts.append(seq)
+        self._wake.set()
+
+    def pause(self, seq: Sequence) -> None:
+        self._pauses.append((seq, True))
+        self._wake.set()
+
+    def resume(self, seq: Sequence) -> None:
+        self._pauses.append((seq, False))
         self._wake.set()
 
     def _stream_ended(self, stream: RequestStream) -> None:
@@ -270,6 +308,7 @@ class Engine:
     def _iteration(self) -> None:
         self._take_inbox()
         self._apply_aborts()
+        self._apply_pauses()
         sched = self.scheduler
         if not sched.has_work():
             self._publish()
@@ -306,6 +345,35 @@ class Engine:
             seq.state = "finished"
             seq.abort()
         self._publish()
+
+    def _apply_pauses(self) -> None:
+        """Parks the requests whose clients stopped reading and requeues those that caught
+        up (in order: a pause and its resume may arrive in one batch)."""
+        if not self._pauses:
+            return
+        self._take_inbox()  # as for aborts: a paused request is always visible below
+        while self._pauses:
+            seq, pause = self._pauses.popleft()
+            if pause and seq.state in ("waiting", "prefilling", "running"):
+                self._park(seq)
+            elif not pause and seq.state == "paused":
+                self.scheduler.unpark(seq)
+        self._publish()
+
+    def _park(self, seq: Sequence) -> None:
+        """Frees a paused request's seat and KV. A running row's full blocks go to the prefix
+        cache first, so resuming recomputes only its last, partial block."""
+        if seq.state == "running":
+            lane = self.kv.lane_of(seq)
+            self._cache_prefix(seq, lane.cache, lane.mask, lane.rows.index(seq))
+            self.kv.leave(lane, [seq], shrink=True)
+        elif seq.state == "prefilling":
+            self.kv.drop_pending(seq)
+        self.scheduler.park(seq)
+        log.debug(
+            "paused: the client is not reading",
+            extra={"fields": {"request_id": seq.request_id, "tokens": seq.num_tokens}},
+        )
 
     def _release(self, seq: Sequence) -> None:
         """Frees the KV of a request that is leaving (its state says where it is)."""
@@ -576,7 +644,7 @@ class Engine:
         every iteration would otherwise leave them waiting forever."""
         sched = self.scheduler
         self._take_inbox()
-        for seq in [*sched.waiting, *sched.prefilling, *sched.running]:
+        for seq in [*sched.waiting, *sched.prefilling, *sched.running, *sched.paused]:
             sched.finished(seq)
             seq.abort(error)
         self.kv.reset()
@@ -584,7 +652,9 @@ class Engine:
 
     def _publish(self) -> None:
         sched = self.scheduler
-        self.observer.queue_changed(sched.num_admitted, len(sched.waiting) + len(self._inbox))
+        self.observer.queue_changed(
+            sched.num_admitted, len(sched.waiting) + len(self._inbox), len(sched.paused)
+        )
         self.observer.kv_usage(
             self.kv.used_blocks(),
             self.kv.total_blocks,
@@ -592,5 +662,5 @@ class Engine:
             len(self.prefix) if self.prefix is not None else 0,
         )
         self.observer.scheduler_counters(
-            sched.num_preemptions, sched.prefix_queries, sched.prefix_hits
+            sched.num_preemptions, sched.prefix_queries, sched.prefix_hits, sched.num_pauses
         )

@@ -14,6 +14,9 @@ It decides; the engine loop carries the decisions out on the KV store and the mo
 - **Prefill** runs under a per-step token budget: the oldest admitted prompt plus prompts of
   similar remaining length, while ``rows x longest`` (padding is compute too) fits; a longer
   prompt is prefilled alone in chunks.
+- **Pausing** (backpressure): a request whose client stopped reading is parked: it leaves
+  its seat and KV (like a preemption) and is not scheduled until it is resumed, then it goes
+  back to the front of the queue.
 - **Preemption**: when memory runs out, cached prefix blocks go first (least recently used),
   then the most recently admitted request: it loses its KV, goes back to the front of the
   queue and is later recomputed from its prompt plus the tokens it already streamed.
@@ -34,7 +37,7 @@ class SchedSeq(Protocol):
     """What the scheduler needs of a request (the engine's ``Sequence``; fakes in tests)."""
 
     request_id: str
-    state: str  # waiting | prefilling | running | finished
+    state: str  # waiting | prefilling | running | paused | finished
     num_computed: int  # tokens whose KV the request holds
     admitted_order: int
     reserved_blocks: int
@@ -91,9 +94,11 @@ class Scheduler:
         self.waiting: deque[SchedSeq] = deque()
         self.prefilling: list[SchedSeq] = []
         self.running: list[SchedSeq] = []  # in a lane of the running batch
+        self.paused: list[SchedSeq] = []  # parked until their clients read again (no KV)
         self._order = itertools.count()
         # Published as metrics by the engine (tokens for the prefix cache, as vLLM counts).
         self.num_preemptions = 0
+        self.num_pauses = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -114,7 +119,8 @@ class Scheduler:
         """Takes the requests whose ``id()`` is in ``keys`` out of every queue (aborted);
         returns them with their state unchanged, so the engine knows what to free. Requests
         are named by identity: two clients may send the same request id."""
-        gone = [s for s in (*self.waiting, *self.prefilling, *self.running) if id(s) in keys]
+        queues = (*self.waiting, *self.prefilling, *self.running, *self.paused)
+        gone = [s for s in queues if id(s) in keys]
         for seq in gone:
             self._unlink(seq)
         return gone
@@ -139,6 +145,22 @@ class Scheduler:
             seq.reserved_blocks = 0
         elif seq.state == "running":
             self.running.remove(seq)
+        elif seq.state == "paused":
+            self.paused.remove(seq)
+
+    def park(self, seq: SchedSeq) -> None:
+        """Pauses a request whose KV the engine has just freed (or that held none)."""
+        self._unlink(seq)
+        seq.reset_for_recompute()
+        seq.state = "paused"
+        self.paused.append(seq)
+        self.num_pauses += 1
+
+    def unpark(self, seq: SchedSeq) -> None:
+        """Resumes a paused request: first in the queue, as it was admitted before the rest."""
+        self.paused.remove(seq)
+        seq.state = "waiting"
+        self.waiting.appendleft(seq)
 
     # ---- memory ----------------------------------------------------------------------------
 

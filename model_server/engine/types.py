@@ -116,7 +116,8 @@ class EngineDeadError(RuntimeError):
 class EngineObserver:
     """Hooks for metrics; the default does nothing (the engine knows nothing of Prometheus)."""
 
-    def queue_changed(self, running: int, waiting: int) -> None: ...
+    def queue_changed(self, running: int, waiting: int, paused: int) -> None:
+        """Requests admitted, queued, and paused because their clients are not reading."""
 
     def step(self, kind: str, batch_size: int, tokens: int) -> None: ...
 
@@ -126,8 +127,11 @@ class EngineObserver:
         """Blocks held (lanes with their padding and spare room, prefill caches, cached
         prefix blocks) out of the pool; ``cached_blocks`` of them are prefix-cache copies."""
 
-    def scheduler_counters(self, preemptions: int, prefix_queries: int, prefix_hits: int) -> None:
-        """Totals since start (monotonic): preemptions, prefix-cache tokens queried / hit."""
+    def scheduler_counters(
+        self, preemptions: int, prefix_queries: int, prefix_hits: int, pauses: int
+    ) -> None:
+        """Totals since start (monotonic): preemptions, prefix-cache tokens queried / hit,
+        pauses of streams whose clients stopped reading."""
 
     def request_finished(
         self,
