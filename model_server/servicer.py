@@ -13,7 +13,7 @@ from glmserve.v1 import chat_pb2, chat_pb2_grpc
 from .engine.types import FinishReason, GenerationRequest
 from .models.base import LoadedModel, token_bytes
 from .structured import check_constrainable, structured_grammar
-from .tools import ToolPlan, grammar_for, plan, with_ids
+from .tools import ToolPlan, grammar_for, new_call_id, plan, with_ids
 from .validation import Defaults, InvalidArgument, messages_of, sampling_params
 
 if TYPE_CHECKING:  # the engine imports torch; the servicer must not (health is up first)
@@ -126,6 +126,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 lambda: grammars.matcher(grammar_for(grammars, plan_))
             )
         parser = tools.parser if tools is not None else None
+        take_deltas = getattr(parser, "take_deltas", None)  # parsers that stream calls
+        call_ids: dict[int, str] = {}  # ids of the calls already announced, by index
         stream = engine.submit(
             GenerationRequest(request.request_id or self._new_id(), prompt, params, constraint)
         )
@@ -138,6 +140,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     return
                 text = out.text if parser is None else parser.feed(out.text)
                 msg = chat_pb2.ChatResponse(text=text, token_ids=out.token_ids)
+                if take_deltas is not None:
+                    for d in take_deltas():
+                        delta = msg.tool_call_deltas.add(index=d.index, arguments=d.arguments)
+                        if d.name is not None:
+                            delta.id = call_ids[d.index] = new_call_id()
+                            delta.name = d.name
                 for token_id, lp in zip(out.token_ids, out.logprobs):  # noqa: B905 - empty when off
                     msg.logprobs.append(self._logprobs(loaded, lp, token_id))
                 if first:
@@ -148,9 +156,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     if parser is not None:
                         rest, calls = parser.finish()
                         msg.text += rest
-                        for call in with_ids(calls):
+                        for call in with_ids(calls, call_ids):
                             msg.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
-                        if calls:
+                        # A call cut short by max_tokens keeps LENGTH, as OpenAI reports it.
+                        if calls and out.finish_reason is FinishReason.STOP:
                             msg.finish_reason = chat_pb2.FINISH_REASON_TOOL_CALLS
                     msg.usage.prompt_tokens = out.usage.prompt_tokens
                     msg.usage.completion_tokens = out.usage.completion_tokens

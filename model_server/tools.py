@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from glmserve.v1 import chat_pb2
 
 from .models.base import ChatMessage, ToolCall, ToolSpec, arguments_json
+from .models.call_stream import CallDelta, CallStream
 from .validation import InvalidArgument
 
 if TYPE_CHECKING:
@@ -225,8 +226,11 @@ def _loads(text: str) -> Any:
 
 class GenericReplyParser:
     """Unwraps the generic JSON reply. ``{"response": "..."}``: the string's content streams
-    as it is decoded (escapes resolved); ``{"tool_calls": [...]}``: parsed at the end. A reply
-    that is neither (cut by max_tokens, say) comes out as written."""
+    as it is decoded (escapes resolved); ``{"tool_calls": [...]}``: each call's name and
+    arguments stream as they are generated (``take_deltas``), and each call's arguments are
+    its raw JSON text as written, so the fragments join into it exactly. A reply cut short
+    (max_tokens) keeps the calls already named, with the arguments written so far. Anything
+    else comes out as written."""
 
     _ANSWER = '{"response":"'
 
@@ -234,9 +238,17 @@ class GenericReplyParser:
         self._raw = ""
         self._sent = 0  # characters of the string's body already decoded and sent
         self._closed = False
+        self._calls = CallStream("tool_calls")
+        self._deltas: list[CallDelta] = []
+
+    def take_deltas(self) -> list[CallDelta]:
+        """The call pieces found since the last call (see ``CallStream``)."""
+        out, self._deltas = self._deltas, []
+        return out
 
     def feed(self, text: str) -> str:
         self._raw += text
+        self._deltas += self._calls.feed(text)
         if not self._raw.startswith(self._ANSWER) or self._closed:
             return ""
         body = self._raw[len(self._ANSWER) :]
@@ -249,18 +261,22 @@ class GenericReplyParser:
         raw = self._raw
         if raw.startswith(self._ANSWER):
             return ("", []) if self._closed else (raw[len(self._ANSWER) + self._sent :], [])
+        named = [c for c in self._calls.calls if c.name is not None]
         try:
             obj = json.loads(raw)
-        except ValueError:
-            return raw, []
+        except ValueError:  # cut short: the calls already announced, as far as they got
+            calls = [ToolCall("", c.name or "", c.arguments) for c in named]
+            return ("", calls) if calls else (raw, [])
         calls = obj.get("tool_calls") if isinstance(obj, dict) else None
         if not isinstance(calls, list):
             return raw, []
         out = []
-        for c in calls:
+        for k, c in enumerate(calls):
             if isinstance(c, dict) and isinstance(c.get("name"), str):
-                args = c.get("arguments", {})
-                out.append(ToolCall("", c["name"], arguments_json(args)))
+                args = self._calls.arguments(k)
+                if args is None:
+                    args = arguments_json(c.get("arguments", {}))
+                out.append(ToolCall("", c["name"], args))
         return ("", out) if out else (raw, [])
 
 
@@ -304,8 +320,15 @@ def _decode_partial(body: str, start: int) -> tuple[str, int, bool]:
     return "".join(out), i, False
 
 
-def with_ids(calls: list[ToolCall]) -> list[ToolCall]:
-    """Calls the server made get unique ids (OpenAI's ``call_`` + 24 characters)."""
+def new_call_id() -> str:
+    """OpenAI's shape: ``call_`` + 24 characters."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def with_ids(calls: list[ToolCall], known: dict[int, str] | None = None) -> list[ToolCall]:
+    """Calls the server made get unique ids; ``known``: the ids already streamed, by index."""
+    known = known or {}
     return [
-        c if c.id else ToolCall(f"call_{uuid.uuid4().hex[:24]}", c.name, c.arguments) for c in calls
+        c if c.id else ToolCall(known.get(k) or new_call_id(), c.name, c.arguments)
+        for k, c in enumerate(calls)
     ]

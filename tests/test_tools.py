@@ -80,18 +80,22 @@ def check_calls(calls: list) -> None:
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-def streamed_calls(chunks: Iterator) -> tuple[list[dict], str | None]:
-    """Reassembles streamed tool-call deltas the way clients do (by index)."""
+def streamed_calls(chunks: Iterator, pieces: dict | None = None) -> tuple[list[dict], str | None]:
+    """Reassembles streamed tool-call deltas the way clients do (by index); ``pieces`` counts
+    each call's non-empty argument fragments."""
     calls: dict[int, dict] = {}
     finish = None
+    pieces = {} if pieces is None else pieces
     for chunk in chunks:
         for choice in chunk.choices:
+            assert finish is None or not choice.delta.tool_calls  # nothing after the end
             finish = choice.finish_reason or finish
             for d in choice.delta.tool_calls or []:
                 if d.id:  # the first delta of a call: id, type and name
-                    assert d.type == "function" and d.function.name
+                    assert d.type == "function" and d.function.name and d.index not in calls
                     calls[d.index] = {"name": d.function.name, "arguments": ""}
                 calls[d.index]["arguments"] += d.function.arguments or ""
+                pieces[d.index] = pieces.get(d.index, 0) + bool(d.function.arguments)
     return [calls[i] for i in sorted(calls)], finish
 
 
@@ -111,12 +115,14 @@ def test_forced_calls_are_valid_and_streams_reassemble(
         check_calls(message.tool_calls)
         if isinstance(choice, dict):
             assert [c.function.name for c in message.tool_calls] == ["add"]
-        calls, finish = streamed_calls(client.chat.completions.create(**args, seed=seed,
-                                                                      stream=True))  # fmt: skip
+        pieces: dict[int, int] = {}
+        stream = client.chat.completions.create(**args, seed=seed, stream=True)
+        calls, finish = streamed_calls(stream, pieces)
         assert finish == "tool_calls"
         assert calls == [
             {"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls
         ]
+        assert pieces[0] > 2  # the arguments streamed as they were generated, not whole
 
 
 def test_auto_generic_format_unwraps(client: openai.OpenAI, model: str) -> None:
@@ -201,6 +207,50 @@ def test_hermes_parser_streams_text_and_finds_calls() -> None:
     assert parser.finish() == ("<tool_call>not json</tool_call>", [])
 
 
+def replay(parser, reply: str) -> tuple[str, list, dict[int, list], int]:  # noqa: ANN001
+    """Feeds ``reply`` one character at a time: (text, final calls, each call's deltas as
+    [name, arguments joined], how many argument characters the deltas carried)."""
+    text, deltas, early = "", {}, 0
+    for c in reply:
+        text += parser.feed(c)
+        for d in parser.take_deltas():
+            if d.name is not None:
+                assert d.index not in deltas
+                deltas[d.index] = [d.name, ""]
+            deltas[d.index][1] += d.arguments
+            early += len(d.arguments)
+    rest, calls = parser.finish()
+    assert parser.take_deltas() == []
+    return text + rest, calls, deltas, early
+
+
+def test_calls_stream_as_generated_and_join_into_the_final_call() -> None:
+    from model_server.tools import GenericReplyParser
+
+    generic = ('{"tool_calls":[{"name":"get_weather","arguments":{"city":"Pa\\"ris}",'
+               '"n":[1,{"x":null}]}},{"name":"add","arguments":{"a":1,"b":-2.5e3}}]}')  # fmt: skip
+    hermes = ('Sure. <tool_call>\n{"arguments": {"x": [1, "}"]}, "name": "f"}\n</tool_call>'
+              '<tool_call>{"name": "g", "parameters": {}}</tool_call>'
+              '<tool_call>{"name": "h", "arguments": "{\\"y\\": 2}"}</tool_call>')  # fmt: skip
+    for parser, reply, names in ((GenericReplyParser(), generic, ["get_weather", "add"]),
+                                 (HermesToolParser(), hermes, ["f", "g", "h"])):  # fmt: skip
+        text, calls, deltas, early = replay(parser, reply)
+        assert [c.name for c in calls] == names and text.strip() in ("", "Sure.")
+        for k, call in enumerate(calls):
+            json.loads(call.arguments)  # always JSON text
+            name, streamed = deltas[k]
+            # Every object streamed whole before the reply ended; a double-encoded one ("h")
+            # is parsed at the end, and sent then.
+            assert name == call.name and streamed == ("" if name == "h" else call.arguments)
+        assert early == sum(len(deltas[k][1]) for k in deltas)
+    assert json.loads(calls[2].arguments) == {"y": 2}
+
+    # Cut short by max_tokens: the calls already named stay calls, as far as they got.
+    text, calls, deltas, _ = replay(GenericReplyParser(), generic[:60])
+    assert text == "" and [c.name for c in calls] == ["get_weather"]
+    assert calls[0].arguments == deltas[0][1] == generic[generic.index('{"city"') : 60]
+
+
 @pytest.fixture(scope="module")
 def hermes_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer: Path) -> Path:
     from tiny_models import make_scripted_llama
@@ -228,11 +278,13 @@ def test_native_hermes_calls_are_parsed(hermes_model_dir: Path) -> None:
         assert choice.finish_reason == "tool_calls" and not choice.message.content
         [call] = choice.message.tool_calls
         assert call.function.name == "lookup" and json.loads(call.function.arguments) == {"q": 7}
+        pieces: dict[int, int] = {}
         calls, finish = streamed_calls(client.chat.completions.create(
             model=model, messages=ASK, tools=tools, temperature=0, max_tokens=50, stream=True
-        ))  # fmt: skip
+        ), pieces)  # fmt: skip
         assert finish == "tool_calls"
         assert calls == [{"name": "lookup", "arguments": call.function.arguments}]
+        assert pieces[0] > 1  # streamed as generated
         # Without tools the same reply is plain text: nothing is parsed.
         plain = client.chat.completions.create(model=model, messages=ASK, temperature=0,
                                                max_tokens=50)  # fmt: skip
@@ -265,6 +317,14 @@ def test_langchain_bind_tools_and_structured_output(client: openai.OpenAI, model
     [call] = forced.tool_calls
     assert call["name"] == "GetWeather" and call["id"].startswith("call_")
     GetWeather(**call["args"])
+    # Streamed (same seed): LangChain's chunks add up to the same call, arguments in pieces.
+    forcing = llm.bind_tools([GetWeather], tool_choice="GetWeather")
+    chunks = list(forcing.stream("Weather in Paris?"))
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total += chunk
+    assert [(c["name"], c["args"]) for c in total.tool_calls] == [(call["name"], call["args"])]
+    assert sum(bool(c.tool_call_chunks and c.tool_call_chunks[0]["args"]) for c in chunks) > 2
     auto = llm.bind_tools([GetWeather]).invoke("Hi!")  # no tool_choice: auto, never a 400
     for call in auto.tool_calls:
         GetWeather(**call["args"])

@@ -620,6 +620,8 @@ class ChatStream:
     request_id: str
     logprobs: bool = False
     drain: Drain = field(default_factory=Drain)  # the CLI's; in-process tests never drain
+    # Arguments already streamed, per (choice, call index): the final call sends the rest.
+    _call_args: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(
@@ -645,16 +647,36 @@ class ChatStream:
             lp = ChoiceLogprobs(content=token_logprobs(item.logprobs)) if self.logprobs else None
             out.append(self._chunk([ChunkChoice(index=i, delta=Delta(content=item.text),
                                                 logprobs=lp)]))  # fmt: skip
-        for k, call in enumerate(item.tool_calls):
-            # The spec's order: id, type and name first; then argument fragments.
-            head = ToolCallDelta(
-                index=k, id=call.id, type="function",
-                function=FunctionDelta(name=call.name, arguments=""),
-            )  # fmt: skip
-            out.append(self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[head]))]))
-            body = ToolCallDelta(index=k, function=FunctionDelta(arguments=call.arguments))
-            out.append(self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[body]))]))
+        # The spec's order: id, type and name first; then argument fragments as generated.
+        for d in item.tool_call_deltas:
+            if d.id:
+                out.append(self._call_head(i, d.index, d.id, d.name))
+                self._call_args[(i, d.index)] = ""
+            out += self._call_arguments(i, d.index, d.arguments)
+        for k, call in enumerate(item.tool_calls):  # whole on the last message
+            sent = self._call_args.get((i, k))
+            if sent is None:
+                out.append(self._call_head(i, k, call.id, call.name))
+                sent = ""
+            elif not call.arguments.startswith(sent):  # the contract rules this out
+                log.warning("stream %s: tool call %d's final arguments do not continue its "
+                            "streamed ones", self.request_id, k)  # fmt: skip
+                continue
+            out += self._call_arguments(i, k, call.arguments[len(sent) :])
         return out
+
+    def _call_head(self, i: int, k: int, call_id: str, name: str) -> bytes:
+        head = ToolCallDelta(
+            index=k, id=call_id, type="function", function=FunctionDelta(name=name, arguments="")
+        )
+        return self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[head]))])
+
+    def _call_arguments(self, i: int, k: int, fragment: str) -> list[bytes]:
+        if not fragment:
+            return []
+        self._call_args[(i, k)] = self._call_args.get((i, k), "") + fragment
+        body = ToolCallDelta(index=k, function=FunctionDelta(arguments=fragment))
+        return [self._chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[body]))])]
 
     def _finish_chunk(self, i: int, reason: str) -> bytes:
         return self._chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])

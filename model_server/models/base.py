@@ -153,6 +153,11 @@ class ToolCallParser(Protocol):
     hold text back while it could still be the start of one), ``finish`` is called once at the
     end and returns the rest of the plain text and the calls found (ids may be empty: the
     server makes them). A reply that is not a call must come out unchanged, joined.
+
+    Optional: ``take_deltas() -> list[call_stream.CallDelta]``, the calls' pieces found by the
+    feeds since the last take (a call's name first, then argument fragments), for streaming.
+    A parser that has it must return every announced call from ``finish``, at the same index,
+    with arguments that begin with the fragments it gave.
     """
 
     def feed(self, text: str) -> str: ...
