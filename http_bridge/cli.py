@@ -47,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     setup_logging(settings.log_level, settings.log_format)
     from http_bridge.app import create_app
+    from http_bridge.routes.chat import CutStreamLogFilter
 
     try:
         app = create_app(settings)
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Streams get --drain-seconds (then the Drain ends them in-band), uvicorn a little more.
     drain = Drain()
     app.state.drain = drain
+    logging.getLogger("uvicorn.error").addFilter(CutStreamLogFilter())
     config = uvicorn.Config(
         app,
         http=BoundedBufferProtocol,

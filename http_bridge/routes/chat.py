@@ -20,6 +20,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -560,6 +561,20 @@ class WriteTimeout(Exception):
     """A chunk could not be handed to the client's connection within --stream-write-timeout."""
 
 
+# Set in the request's task when the bridge cut its stream on purpose (already logged).
+_CUT_ON_PURPOSE: ContextVar[bool] = ContextVar("glmserve_stream_cut", default=False)
+_UNFINISHED = "ASGI callable returned without completing response"
+
+
+class CutStreamLogFilter(logging.Filter):
+    """Drops uvicorn's ERROR for a response that returns unfinished when the bridge cut it
+    itself (write timeout: one warning is logged for it); any other such response still logs.
+    uvicorn logs it from the task that ran the app, so the context variable is visible."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_CUT_ON_PURPOSE.get() and record.getMessage().startswith(_UNFINISHED))
+
+
 class SSEResponse(EventSourceResponse):
     """FastAPI's SSE response, plus a write timeout and a guaranteed close of the generator.
 
@@ -595,6 +610,7 @@ class SSEResponse(EventSourceResponse):
         try:
             await super().__call__(scope, receive, timed_send)
         except WriteTimeout:
+            _CUT_ON_PURPOSE.set(True)
             log.warning(
                 "stream %s: the client read nothing for %g s; closing it",
                 self._request_id,
