@@ -24,6 +24,7 @@ from procs import Proc
 
 from glmserve.v1 import chat_pb2, chat_pb2_grpc
 from model_server.engine.engine import Engine, EngineConfig
+from model_server.engine.sequence import Sequence
 from model_server.engine.types import GenerationRequest, SamplingParams, StepOutput
 from model_server.models.registry import load_model
 
@@ -111,6 +112,36 @@ async def test_engine_scores_every_prompt_position_chunked_grouped_and_cached(ti
         check_scores(long_ids, again[0].prompt_logprobs, 3, reference(long_ids))
     finally:
         engine.shutdown()
+
+
+async def test_preempted_scoring_keeps_every_position(tiny, reference, monkeypatch):
+    """A pool so small that scored prompts (prefilled in chunks) and long replies preempt each
+    other: every prompt's values and every reply still equal their solo runs (a scored request
+    preempted after its first output is recomputed, not scored again)."""
+    scored = []  # preempted requests that asked for prompt logprobs
+    reset = Sequence.reset_for_recompute
+
+    def watched(seq: Sequence) -> None:
+        scored.append(seq.params.prompt_logprobs is not None)
+        reset(seq)
+
+    monkeypatch.setattr(Sequence, "reset_for_recompute", watched)
+    prompts = [tiny.tokenizer.encode(f"Request {i}: " + TEXT * (1 + i % 2)) for i in range(6)]
+    engine = Engine(tiny, EngineConfig(kv_cache_tokens=320, block_size=16,
+                                       prefill_chunk_tokens=16))  # fmt: skip
+    engine.start()
+    try:
+        solo = [await _run(engine, p, 60, 1, f"s{i}") for i, p in enumerate(prompts)]
+        together = await asyncio.wait_for(
+            asyncio.gather(*(_run(engine, p, 60, 1, f"c{i}") for i, p in enumerate(prompts))), 120
+        )
+    finally:
+        engine.shutdown()
+    assert engine.scheduler.num_preemptions > 0 and any(scored)
+    for ids, alone, mixed in zip(prompts, solo, together, strict=True):
+        assert [t for o in mixed for t in o.token_ids] == [t for o in alone for t in o.token_ids]
+        check_scores(ids, mixed[0].prompt_logprobs, 1, reference(ids))
+        assert all(o.prompt_logprobs is None for o in mixed[1:])
 
 
 # ---- real processes ----------------------------------------------------------------------
