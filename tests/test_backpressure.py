@@ -1,6 +1,6 @@
 """Backpressure on the model server, over a real gRPC server: a stream whose client stops
 reading is paused (seat, compute and KV freed) and resumed, with exactly its tokens, when the
-client reads again.
+client reads again; what piled up meanwhile is sent merged.
 
 The client's channel keeps its receive window small (as the bridge's does), so the server's
 writes really wait; ``--max-num-seqs 1`` shows that the paused request gives its seat away.
@@ -75,6 +75,8 @@ def test_a_stalled_stream_is_paused_frees_its_seat_and_resumes_exactly(
     # are exactly the uninterrupted ones, none lost or repeated.
     rest = list(stalled)
     assert [*first.token_ids, *tokens(iter(rest))] == solo_long
+    # What piled up while the client did not read went out merged, several tokens a message.
+    assert max(len(m.token_ids) for m in rest) > 1
     assert rest[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
     wait_until(
         lambda: (metric(server, PAUSED), metric(server, RUNNING), metric(server, WAITING))

@@ -8,9 +8,10 @@ the scheduler's decisions out, plus the event-loop facade.
 The event loop never touches engine-thread state: ``submit`` and ``abort`` only append to
 thread-safe deques and wake the thread; the queue bound counts the streams the event loop
 itself holds; the gauges come from what the engine thread publishes. Outputs go back with
-``loop.call_soon_threadsafe``. A watchdog task on the event loop reads the thread's published
-heartbeat: when the thread dies or a step runs past ``step_timeout``, every open stream ends
-with ``EngineDeadError`` and ``on_dead`` tells the server to go NOT_SERVING and exit.
+``loop.call_soon_threadsafe``, once per step for all requests. A watchdog task on the event
+loop reads the thread's published heartbeat: when the thread dies or a step runs past
+``step_timeout``, every open stream ends with ``EngineDeadError`` and ``on_dead`` tells the
+server to go NOT_SERVING and exit.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ class EngineConfig:
 class RequestStream:
     """Async iterator over one request's outputs, fed from the engine thread.
 
-    Backpressure: the consumer (the servicer) takes an output only once gRPC has sent the last
-    one, so outputs pile up here when the client does not read. At ``backlog`` unread outputs
+    Outputs arrive once per engine step for all streams at once (:meth:`Engine._flush`), and
+    the consumer gets what piled up since it last looked as one merged output: one gRPC message
+    for several tokens when it fell behind.
+
+    Backpressure: the consumer (the servicer) takes outputs only once gRPC has sent the last
+    message, so outputs pile up here when the client does not read. At ``backlog`` unread outputs
     the request is paused on the engine (seat and KV freed, nothing computed for it); once the
     consumer is down to a quarter of that, it is resumed. Both are messages to the engine
     thread, like aborts: the event loop never touches the engine's structures.
@@ -93,10 +98,7 @@ class RequestStream:
         self.finished = False  # the consumer saw it
         self._backlog = backlog
         self._paused = False
-
-    def put_threadsafe(self, out: StepOutput) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._deliver, out)
+        self._held: StepOutput | None = None  # an abort taken from the queue, yielded next
 
     def _deliver(self, out: StepOutput) -> None:
         if self._ended:
@@ -123,7 +125,15 @@ class RequestStream:
 
     async def _iterate(self) -> AsyncIterator[StepOutput]:
         while not self.finished:
-            out = await self._queue.get()
+            out, self._held = self._held or await self._queue.get(), None
+            outs = [out]
+            while outs[-1].finish_reason is None and not self._queue.empty():
+                out = self._queue.get_nowait()
+                if out.finish_reason is FinishReason.ABORTED:
+                    self._held = out  # an error ends the stream after the tokens before it
+                    break
+                outs.append(out)
+            out = merged(outs)
             if out.finish_reason is not None:
                 self.finished = True
             elif self._paused and self._queue.qsize() <= self._backlog // 4 and not self._ended:
@@ -135,6 +145,24 @@ class RequestStream:
     def abort(self) -> None:
         if not self._ended and self.seq is not None:
             self._engine.abort(self.seq)
+
+
+def merged(outs: list[StepOutput]) -> StepOutput:
+    """Consecutive outputs of one request as one (the last one's ending and timings)."""
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    return StepOutput(
+        text="".join(o.text for o in outs),
+        token_ids=[t for o in outs for t in o.token_ids],
+        logprobs=[lp for o in outs for lp in o.logprobs],
+        prompt_logprobs=outs[0].prompt_logprobs,
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        time_to_first_token=last.time_to_first_token,
+        duration=last.duration,
+        error=last.error,
+    )
 
 
 class Engine:
@@ -170,6 +198,8 @@ class Engine:
         # Handed from the event loop to the thread.
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[Sequence] = collections.deque()
+        # Outputs of this step, per event loop, handed over together (_flush).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StepOutput]]] = {}
         # (request, True: pause / False: resume), in the order the event loop decided them.
         self._pauses: collections.deque[tuple[Sequence, bool]] = collections.deque()
         self._wake = threading.Event()
@@ -220,7 +250,7 @@ class Engine:
         )
         seq = Sequence(
             request,
-            stream.put_threadsafe,
+            lambda out: self._post(stream, out),
             self.loaded.tokenizer,
             self.loaded.chat_format.reply_filter(),
             self._device,
@@ -293,6 +323,20 @@ class Engine:
 
     # ---- engine thread -----------------------------------------------------------------------
 
+    def _post(self, stream: RequestStream, out: StepOutput) -> None:
+        """Engine thread: queues an output for the next :meth:`_flush`."""
+        self._outbox.setdefault(stream._loop, []).append((stream, out))
+
+    def _flush(self) -> None:
+        """Engine thread: hands the queued outputs to their event loops, one wake-up per loop
+        (not one per request and token: at 200 rows that was 200 self-pipe writes a step)."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                loop.call_soon_threadsafe(_deliver_all, items)
+
     def _run(self) -> None:
         # Everything on this thread, batch surgery included, works on inference tensors.
         with torch.inference_mode():
@@ -304,6 +348,7 @@ class Engine:
                     self._fail_all(StepFailedError(f"generation failed: {type(exc).__name__}"))
                 finally:
                     self._step_started = None
+                    self._flush()
 
     def _iteration(self) -> None:
         self._take_inbox()
@@ -312,6 +357,7 @@ class Engine:
         sched = self.scheduler
         if not sched.has_work():
             self._publish()
+            self._flush()  # aborted requests' last outputs
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             return
@@ -324,6 +370,7 @@ class Engine:
         if admitted:  # the gauges count a request as running before its first token is out
             self._publish()
         self._prefill_step()
+        self._flush()  # first tokens out before the decode step
         self._decode_step()
         self._publish()
 
@@ -664,3 +711,8 @@ class Engine:
         self.observer.scheduler_counters(
             sched.num_preemptions, sched.prefix_queries, sched.prefix_hits, sched.num_pauses
         )
+
+
+def _deliver_all(items: list[tuple[RequestStream, StepOutput]]) -> None:
+    for stream, out in items:
+        stream._deliver(out)
