@@ -216,6 +216,19 @@ def test_sdk_loglikelihood_request_as_lm_eval_sends_it(
     ).choices[0]
     assert again.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
 
+    # lm-eval batches its contexts as token-id lists (max_tokens 1, the last entry dropped) and
+    # calls a continuation greedy when each token's logprob equals its top-1's exactly.
+    batch = [ids, ids[:7]]
+    out = client.completions.create(
+        model=model, prompt=batch, echo=True, logprobs=1, max_tokens=1, temperature=0
+    )
+    assert [len(c.logprobs.tokens) for c in out.choices] == [len(ids) + 1, 8]
+    for choice, prompt in zip(out.choices, batch, strict=True):
+        lp, best = choice.logprobs, reference(prompt).argmax(-1).tolist()
+        for j in range(1, len(prompt)):
+            greedy = prompt[j] == best[j - 1]
+            assert (lp.token_logprobs[j] == max(lp.top_logprobs[j].values())) == greedy
+
 
 def test_sdk_clear_400s(client: openai.OpenAI, model: str) -> None:
     cases = [
