@@ -42,7 +42,7 @@ class CompletionRequest(_Strict):
     # A string, a list of strings, a list of token ids, or a list of such lists (checked below).
     prompt: Any = Field(json_schema_extra={"description": "string | string[] | int[] | int[][]"})
     suffix: Any = None
-    # 0 only scores the prompt (echo with logprobs, as lm-eval's loglikelihood requests).
+    # 0 only scores the prompt (with echo and logprobs; checked in routes/completions.py).
     max_tokens: int | None = Field(default=16, ge=0, le=UINT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)

@@ -5,9 +5,10 @@ checkpoint over the same tokens (fp32, within 1e-3):
 - the engine in-process with a small prefill chunk: a prompt scored over several chunks, prompts
   scored in one left-padded group beside unscored ones, max_tokens 0 (never decoded), and a
   prompt whose prefix is in the prefix cache (every position is still computed);
-- real processes: the official openai SDK through the bridge (lm-eval's exact loglikelihood
-  request: ``echo=True, logprobs=1, max_tokens=0``, text and token-id prompts, streamed too)
-  and the gRPC API directly (prompt_token_ids, echo's prompt_text).
+- real processes: the official openai SDK through the bridge (prompt scoring with
+  ``echo=True, logprobs=1, max_tokens=0``, text and token-id prompts, streamed too; lm-eval's
+  ``local-completions`` loglikelihood request, ``max_tokens=1`` over token-id batches) and the
+  gRPC API directly (prompt_token_ids, echo's prompt_text).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def stub(api_stack: tuple[Proc, Proc]) -> Iterator[chat_pb2_grpc.ChatServiceStub
         yield chat_pb2_grpc.ChatServiceStub(channel)
 
 
-def test_sdk_loglikelihood_request_as_lm_eval_sends_it(
+def test_sdk_prompt_scoring_and_lm_eval_loglikelihood(
     client: openai.OpenAI, model: str, tiny_model_dir: Path, reference
 ) -> None:
     from transformers import AutoTokenizer
