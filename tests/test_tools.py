@@ -125,6 +125,23 @@ def test_forced_calls_are_valid_and_streams_reassemble(
         assert pieces[0] > 2  # the arguments streamed as they were generated, not whole
 
 
+def test_call_cut_short_by_max_tokens(client: openai.OpenAI, model: str) -> None:
+    """max_tokens ends a forced call mid-arguments: the call comes back as far as it got with
+    finish_reason "length" (as OpenAI does), the same streamed and not."""
+    args = dict(model=model, messages=ASK, tools=TOOLS, max_tokens=20, temperature=0,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    out = client.chat.completions.create(**args)
+    choice = out.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments.startswith("{")
+    with pytest.raises(ValueError):  # really cut: not a whole JSON object yet
+        json.loads(call.function.arguments)
+    calls, finish = streamed_calls(client.chat.completions.create(**args, stream=True))
+    assert finish == "length"
+    assert calls == [{"name": "get_weather", "arguments": call.function.arguments}]
+
+
 def test_auto_generic_format_unwraps(client: openai.OpenAI, model: str) -> None:
     """Agents send tools with no tool_choice to every model: never a 400; the reply is a
     plain answer or valid calls, never the generic JSON wrapper."""
