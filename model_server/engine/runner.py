@@ -11,6 +11,7 @@ import inspect
 
 import torch
 
+from ..models.attention import use_gqa_sdpa
 from ..models.base import LoadedModel
 from . import kv
 from .sampling import PenaltyState, RowSampling, SampleResult, sample
@@ -20,6 +21,7 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self._model = loaded.model
+        use_gqa_sdpa(loaded.model)  # no KV copy per layer when a prompt meets cached KV
         self.device = loaded.device
         head = loaded.model.get_output_embeddings().weight
         self.vocab = int(head.shape[0])
