@@ -134,10 +134,14 @@ def sample(
     if penalties is not None:
         apply_penalties(logits, rows, penalties)
     if eos_token_ids:
-        eos = list(eos_token_ids)
-        for i, r in enumerate(rows):
-            if r.params.ignore_eos or r.num_generated < r.params.min_tokens:
-                logits[i, eos] = float("-inf")
+        no_eos = [
+            i
+            for i, r in enumerate(rows)
+            if r.params.ignore_eos or r.num_generated < r.params.min_tokens
+        ]
+        if no_eos:  # one indexing op for the batch, not one per row
+            eos = torch.tensor(sorted(eos_token_ids), device=logits.device)
+            logits[torch.tensor(no_eos, device=logits.device).unsqueeze(1), eos] = float("-inf")
     for i, r in enumerate(rows):
         for mask in r.logit_masks:
             mask(logits[i])
@@ -169,17 +173,33 @@ def sample(
         if i not in result.failed:
             result.tokens[i] = tokens[i]
     if raw_logprobs is not None:
-        for j, i in enumerate(want):
-            if i in result.failed:
-                continue
-            row = raw_logprobs[j]
-            k = rows[i].logprobs or 0
-            top = row.topk(k) if k else None
-            result.logprobs[i] = TokenLogprobs(
-                float(row[tokens[i]]),
-                [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
-            )
+        _take_logprobs(raw_logprobs, want, rows, tokens, result)
     return result
+
+
+def _take_logprobs(
+    raw: torch.Tensor,
+    want: list[int],
+    rows: Sequence[RowSampling],
+    tokens: list[int],
+    result: SampleResult,
+) -> None:
+    """The chosen tokens' raw log-probabilities and each row's top k, with one gather and one
+    top-k over the rows that asked (per-row ops cost ~0.2 ms each at a 49k vocabulary)."""
+    chosen_ids = torch.tensor([tokens[i] for i in want], device=raw.device).unsqueeze(1)
+    chosen = raw.gather(1, chosen_ids).squeeze(1).tolist()
+    kmax = max(rows[i].logprobs or 0 for i in want)
+    top_ids: list[list[int]] = []
+    top_values: list[list[float]] = []
+    if kmax:
+        top = raw.topk(kmax, dim=-1)  # sorted: a row's first k are its top k
+        top_ids, top_values = top.indices.tolist(), top.values.tolist()
+    for j, i in enumerate(want):
+        if i in result.failed:
+            continue
+        k = rows[i].logprobs or 0
+        alternatives = list(zip(top_ids[j][:k], top_values[j][:k])) if k else []
+        result.logprobs[i] = TokenLogprobs(chosen[j], alternatives)
 
 
 def prompt_logprobs(
