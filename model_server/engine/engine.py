@@ -80,10 +80,12 @@ class RequestStream:
     for several tokens when it fell behind.
 
     Backpressure: the consumer (the servicer) takes outputs only once gRPC has sent the last
-    message, so outputs pile up here when the client does not read. At ``backlog`` unread outputs
-    the request is paused on the engine (seat and KV freed, nothing computed for it); once the
-    consumer is down to a quarter of that, it is resumed. Both are messages to the engine
-    thread, like aborts: the event loop never touches the engine's structures.
+    message, so outputs pile up here when the client does not read. At ``backlog`` unread
+    outputs that arrived while the consumer was away sending (not waiting here: then it is
+    merely behind on a busy event loop and takes them all at its next turn), the request is
+    paused on the engine (seat and KV freed, nothing computed for it); once the consumer is
+    down to a quarter of that, it is resumed. Both are messages to the engine thread, like
+    aborts: the event loop never touches the engine's structures.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class RequestStream:
         self._backlog = backlog
         self._paused = False
         self._held: StepOutput | None = None  # an abort taken from the queue, yielded next
+        self._consumer_waiting = False  # the consumer is waiting here for the next output
 
     def _deliver(self, out: StepOutput) -> None:
         if self._ended:
@@ -110,6 +113,7 @@ class RequestStream:
         elif (
             self._backlog
             and not self._paused
+            and not self._consumer_waiting
             and self._queue.qsize() >= self._backlog
             and self.seq is not None
         ):
@@ -125,7 +129,14 @@ class RequestStream:
 
     async def _iterate(self) -> AsyncIterator[StepOutput]:
         while not self.finished:
-            out, self._held = self._held or await self._queue.get(), None
+            if self._held is None:
+                self._consumer_waiting = True
+                try:
+                    out = await self._queue.get()
+                finally:
+                    self._consumer_waiting = False
+            else:
+                out, self._held = self._held, None
             outs = [out]
             while outs[-1].finish_reason is None and not self._queue.empty():
                 out = self._queue.get_nowait()
