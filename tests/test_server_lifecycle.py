@@ -49,7 +49,9 @@ def test_health_loading_serving_then_drain(tiny_model_dir):
             assert err.code() == grpc.StatusCode.UNAVAILABLE
         rest = list(inflight)  # the in-flight stream still finishes
         assert rest[-1].usage.completion_tokens == 300
-        assert len(first.token_ids) == 1
+        # In flight when SIGTERM came (several tokens when the stream fell behind and they
+        # went out merged), and finished only during the drain.
+        assert 1 <= len(first.token_ids) < 300
         assert p.proc.wait(30) == 0
     finally:
         p.stop(signal.SIGKILL)
