@@ -1,0 +1,224 @@
+"""``python -m bench.engine_profile``: where the engine thread's time goes, in-process.
+
+Two parts, on the embedded model (or ``--model``), with no gRPC or HTTP in the way:
+
+- **levels**: the bench prompts, greedy, fixed-length replies, at c=1 and c=16 (closed-loop
+  workers); tok/s of each and the engine thread's time split by component (forwards, sampling,
+  joins, leaves, ``append_token``, prefix-cache copies, publishing). Says whether the c=16 / c=1
+  ratio is lost to host overhead inside the engine or to the forward itself.
+- **turns**: the multiturn scenario's conversation up to turn 15, then a turn-1-like and a
+  turn-16-like request alternated ``--reps`` times (fresh text each time, so turn 16 hits the
+  cache for the history and computes ~180 tokens); TTFT of each and turn 16's split into
+  prefix-cache copy-in and forward. Alternating puts both under the same machine load.
+
+Prints tables and a ``BENCH_JSON`` line. Run it under ``flock -x /tmp/bench.lock`` on a shared box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from bench.prompts import prompts
+from bench.scenarios import TURN_REPLY_TOKENS, TURNS, turn_text
+from model_server.engine import engine as engine_mod
+from model_server.engine import runner as runner_mod
+from model_server.engine import store as store_mod
+from model_server.engine.engine import Engine, EngineConfig
+from model_server.engine.types import GenerationRequest, SamplingParams
+from model_server.models import DEFAULT_MODEL
+from model_server.models.base import ChatMessage
+from model_server.models.registry import load_model
+
+# (class, method, label): the engine-thread work timed, each call's wall time summed.
+TIMED = (
+    (runner_mod.ModelRunner, "forward", "forward"),
+    (runner_mod.ModelRunner, "sample", "sampling"),
+    (store_mod.KVStore, "join", "join"),
+    (store_mod.KVStore, "leave", "leave"),
+    (store_mod.KVStore, "take_group", "stack prefill caches"),
+    (store_mod.KVStore, "load_prefix", "prefix copy-in"),
+    (store_mod.KVStore, "cache_prefix", "prefix copy-out"),
+    (engine_mod.Engine, "_append", "append_token"),
+    (engine_mod.Engine, "_publish", "publish"),
+    (engine_mod.Engine, "_iteration", "engine iterations"),
+)
+
+
+class Timers:
+    """Wraps the TIMED methods (class attributes, so every instance) while active."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def _wrap(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - t0
+                self.calls[label] += 1
+
+        return timed
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        saved = [(cls, name, getattr(cls, name)) for cls, name, _ in TIMED]
+        for (cls, name, label), (_, _, fn) in zip(TIMED, saved):
+            setattr(cls, name, self._wrap(fn, label))
+        try:
+            yield
+        finally:
+            for cls, name, fn in saved:
+                setattr(cls, name, fn)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+async def _generate(engine: Engine, ids: list[int], n: int, rid: str) -> tuple[float, list[int]]:
+    """TTFT (submit to first token) and the tokens of one greedy request."""
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    ttft, out = 0.0, []
+    async for step in engine.submit(GenerationRequest(rid, ids, params)):
+        if not out and step.token_ids:
+            ttft = time.perf_counter() - t0
+        out += step.token_ids
+    return ttft, out
+
+
+async def _closed_loop(engine: Engine, texts: list[str], conc: int, max_tokens: int) -> int:
+    """``conc`` workers take the texts in order until none is left; returns the tokens made."""
+    fmt = engine.loaded.chat_format
+    todo = collections.deque(range(len(texts)))
+    made = []
+
+    async def worker() -> None:
+        while todo:
+            i = todo.popleft()
+            ids = fmt.render([ChatMessage("user", texts[i])])
+            made.append(len((await _generate(engine, ids, max_tokens, f"c{conc}-{i}"))[1]))
+
+    await asyncio.gather(*(worker() for _ in range(conc)))
+    return sum(made)
+
+
+async def levels(
+    engine: Engine, timers: Timers, max_tokens: int, ones: int
+) -> list[dict[str, Any]]:
+    rows = []
+    for conc, n in ((1, ones), (16, 32)):
+        timers.reset()
+        t0 = time.perf_counter()
+        tokens = await _closed_loop(engine, prompts(n), conc, max_tokens)
+        wall = time.perf_counter() - t0
+        rows.append(
+            {
+                "concurrency": conc,
+                "tokens": tokens,
+                "wall_s": round(wall, 2),
+                "tok_s": round(tokens / wall, 1),
+                "engine_seconds": {k: round(v, 3) for k, v in timers.seconds.most_common()},
+                "calls": dict(timers.calls),
+            }
+        )
+    return rows
+
+
+async def turns(engine: Engine, timers: Timers, reps: int) -> dict[str, Any]:
+    fmt, tok = engine.loaded.chat_format, engine.loaded.tokenizer
+    history: list[ChatMessage] = []
+    for k in range(TURNS - 1):
+        history.append(ChatMessage("user", turn_text(k)))
+        _, out = await _generate(engine, fmt.render(history), TURN_REPLY_TOKENS, f"h{k}")
+        history.append(ChatMessage("assistant", tok.decode(out)))
+    first, last, parts = [], [], []
+    for j in range(reps):
+        one = fmt.render([ChatMessage("user", f"Variant {j}. " + turn_text(0))])
+        sixteen = fmt.render(
+            [*history, ChatMessage("user", f"Variant {j}. " + turn_text(TURNS - 1))]
+        )
+        first.append((await _generate(engine, one, 1, f"a{j}"))[0])
+        timers.reset()
+        last.append((await _generate(engine, sixteen, 1, f"b{j}"))[0])
+        parts.append({k: round(v, 4) for k, v in timers.seconds.items()})
+    return {
+        "prompt_tokens": [len(one), len(sixteen)],
+        "ttft_turn1_s": first,
+        "ttft_turn16_s": last,
+        "turn16_parts_s": parts,
+        "median_ratio": statistics.median(last) / statistics.median(first),
+    }
+
+
+def _print_levels(rows: list[dict[str, Any]]) -> None:
+    print("| c | tokens | tok/s | " + " | ".join(label for *_, label in TIMED) + " |")
+    print("|---:" * (3 + len(TIMED)) + "|")
+    for r in rows:
+        cells = [f"{r['engine_seconds'].get(label, 0.0):.2f}" for *_, label in TIMED]
+        print(f"| {r['concurrency']} | {r['tokens']} | {r['tok_s']} | " + " | ".join(cells) + " |")
+    print(
+        f"(engine-thread seconds per component; c=16 / c=1 = "
+        f"{rows[1]['tok_s'] / rows[0]['tok_s']:.2f})"
+    )
+
+
+def _print_turns(t: dict[str, Any]) -> None:
+    print(f"turn 1 ({t['prompt_tokens'][0]} tokens) vs turn 16 ({t['prompt_tokens'][1]} tokens)")
+    print("| rep | turn 1 TTFT ms | turn 16 TTFT ms | turn 16 forward ms | prefix copy-in ms |")
+    print("|---:|---:|---:|---:|---:|")
+    for i, (a, b, p) in enumerate(zip(t["ttft_turn1_s"], t["ttft_turn16_s"], t["turn16_parts_s"])):
+        print(
+            f"| {i} | {a * 1e3:.0f} | {b * 1e3:.0f} | {p.get('forward', 0) * 1e3:.0f} | "
+            f"{p.get('prefix copy-in', 0) * 1e3:.0f} |"
+        )
+    print(f"median turn 16 / turn 1 = {t['median_ratio']:.2f}")
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    loaded = load_model(args.model, torch.device("cpu"), "float32", None)
+    engine = Engine(loaded, EngineConfig(prefill_chunk_tokens=256, kv_cache_tokens=65536))
+    engine.start()
+    timers, result = Timers(), {}
+    try:
+        await _generate(engine, loaded.chat_format.render([ChatMessage("user", "hi")]), 8, "w")
+        with timers.active():
+            if "levels" in args.parts:
+                result["levels"] = await levels(engine, timers, args.max_tokens, args.c1_requests)
+                _print_levels(result["levels"])
+            if "turns" in args.parts:
+                result["turns"] = await turns(engine, timers, args.reps)
+                _print_turns(result["turns"])
+    finally:
+        engine.shutdown()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--parts", default="levels,turns", help="comma-separated: levels, turns")
+    p.add_argument("--max-tokens", type=int, default=128, help="levels: reply length")
+    p.add_argument("--c1-requests", type=int, default=4, help="levels: requests at c=1")
+    p.add_argument("--reps", type=int, default=5, help="turns: alternations")
+    args = p.parse_args(argv)
+    args.parts = set(args.parts.split(","))
+    torch.set_grad_enabled(False)
+    print("BENCH_JSON " + json.dumps({"engine_profile": asyncio.run(_run(args))}))
+
+
+if __name__ == "__main__":
+    main()
