@@ -16,6 +16,7 @@ both can import. It only needs the base dependencies (grpc, health checking, pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -189,6 +190,20 @@ def wait_serving(p: Proc, timeout: float = 180.0) -> None:
     p.wait_ready(lambda: health_status(p.target) == SERVING, timeout, "SERVING")
 
 
+# A port that free_port() found free can be taken before the server binds it (an outgoing
+# connection's ephemeral port, another process): the server then exits saying so.
+_PORT_TAKEN = ("address already in use", "failed to bind")
+_ATTEMPTS = 3
+
+
+def _answers(url: str) -> bool:
+    return http_status(url) is not None
+
+
+def _lost_port_race(err: RuntimeError) -> bool:
+    return any(words in str(err).lower() for words in _PORT_TAKEN)
+
+
 def spawn_model_server(
     model: str | None,
     *args: str,
@@ -199,17 +214,25 @@ def spawn_model_server(
     timeout: float = 180.0,
 ) -> Proc:
     """Starts ``model-server`` (``model`` None: its default model) and by default waits until
-    health is SERVING."""
-    port = port or free_port()
-    metrics_port = free_port() if metrics else None
-    cmd = command("model-server", "model_server.cli")
-    cmd += [*(["--model", model] if model else []), "--port", str(port), *args]
-    if metrics_port:
-        cmd += ["--metrics-port", str(metrics_port)]
-    p = spawn("model-server", cmd, port, metrics_port, env)
-    if wait:
-        wait_serving(p, timeout)
-    return p
+    health is SERVING (starting again on other ports when it lost a race for its ports)."""
+    for attempt in range(_ATTEMPTS):
+        grpc_port = port or free_port()
+        metrics_port = free_port() if metrics else None
+        cmd = command("model-server", "model_server.cli")
+        cmd += [*(["--model", model] if model else []), "--port", str(grpc_port), *args]
+        if metrics_port:
+            cmd += ["--metrics-port", str(metrics_port)]
+        p = spawn("model-server", cmd, grpc_port, metrics_port, env)
+        if not wait:
+            return p
+        try:
+            wait_serving(p, timeout)
+        except RuntimeError as err:
+            if attempt + 1 < _ATTEMPTS and _lost_port_race(err):
+                continue
+            raise
+        return p
+    raise AssertionError("unreachable")
 
 
 def spawn_bridge(
@@ -220,13 +243,22 @@ def spawn_bridge(
     timeout: float = 60.0,
 ) -> Proc:
     """Starts ``http-bridge`` and by default waits until it answers HTTP (any status: 503
-    while it has not yet seen a backend healthy)."""
-    port = port or free_port()
-    cmd = [*command("http-bridge", "http_bridge.cli"), "--port", str(port), *args]
-    p = spawn("http-bridge", cmd, port, env=env)
-    if wait:
-        p.wait_ready(lambda: http_status(p.url + "/health") is not None, timeout, "answering")
-    return p
+    while it has not yet seen a backend healthy; starting again on another port when it lost
+    a race for its port)."""
+    for attempt in range(_ATTEMPTS):
+        http_port = port or free_port()
+        cmd = [*command("http-bridge", "http_bridge.cli"), "--port", str(http_port), *args]
+        p = spawn("http-bridge", cmd, http_port, env=env)
+        if not wait:
+            return p
+        try:
+            p.wait_ready(functools.partial(_answers, p.url + "/health"), timeout, "answering")
+        except RuntimeError as err:
+            if attempt + 1 < _ATTEMPTS and port is None and _lost_port_race(err):
+                continue
+            raise
+        return p
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
