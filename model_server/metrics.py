@@ -85,8 +85,7 @@ class ServerMetrics(EngineObserver):
         )
         self.stream_pauses = Counter(
             "glmserve_stream_pauses",
-            "Times a stream was paused because its client left --max-stream-backlog outputs "
-            "unread",
+            "Times a stream was paused because its client left --max-stream-backlog outputs unread",
             registry=r,
         )
         self.prefix_queries = Counter(

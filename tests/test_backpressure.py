@@ -100,8 +100,9 @@ def test_a_stalled_stream_is_paused_frees_its_seat_and_resumes_exactly(
     assert max(len(m.token_ids) for m in rest) > 1
     assert rest[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
     wait_until(
-        lambda: (metric(server, PAUSED), metric(server, RUNNING), metric(server, WAITING))
-        == (0, 0, 0),
+        lambda: (
+            (metric(server, PAUSED), metric(server, RUNNING), metric(server, WAITING)) == (0, 0, 0)
+        ),
         10,
         "gauges back to 0",
     )
