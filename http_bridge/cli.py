@@ -19,10 +19,12 @@ log = logging.getLogger("http_bridge")
 # bridge stops reading its gRPC stream, the model server pauses the request, and
 # --stream-write-timeout starts to count): the kernel send buffer of each connection (fixed:
 # autotuning would let it grow to megabytes; Linux doubles the value) plus uvicorn's write
-# buffer (asyncio's default high-water mark is 64 KiB). ~32 KiB in all: 16 tokens with 20 top
-# logprobs, ~160 plain ones; still 600 KiB/s for one stream at 50 ms of round trip.
+# buffer past its high-water mark (asyncio's default is 64 KiB). ~20 KiB in all: ~10 tokens with
+# 20 top logprobs, ~100 plain ones. The send buffer bounds throughput (still 600 KiB/s for one
+# stream at 50 ms of round trip); the high-water mark only decides when a stream's writes wait
+# (a large body is still handed over whole), so it can be small.
 SEND_BUFFER_BYTES = 16 * 1024
-WRITE_BUFFER_BYTES = 16 * 1024
+WRITE_BUFFER_BYTES = 4 * 1024
 
 
 class BoundedBufferProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
