@@ -196,12 +196,21 @@ _PORT_TAKEN = ("address already in use", "failed to bind")
 _ATTEMPTS = 3
 
 
-def _answers(url: str) -> bool:
-    return http_status(url) is not None
-
-
-def _lost_port_race(err: RuntimeError) -> bool:
-    return any(words in str(err).lower() for words in _PORT_TAKEN)
+def _started(launch: Callable[[], Proc], ready: Callable[[Proc], None] | None, retry: bool) -> Proc:
+    """``launch()`` then ``ready(proc)``; launched again (on new ports: ``launch`` picks them)
+    when the process died of a port taken since it was picked, if ``retry``."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        p = launch()
+        if ready is None:
+            return p
+        try:
+            ready(p)
+            return p
+        except RuntimeError as err:
+            lost_race = any(words in str(err).lower() for words in _PORT_TAKEN)
+            if not (retry and lost_race and attempt < _ATTEMPTS):
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def spawn_model_server(
@@ -215,24 +224,18 @@ def spawn_model_server(
 ) -> Proc:
     """Starts ``model-server`` (``model`` None: its default model) and by default waits until
     health is SERVING (starting again on other ports when it lost a race for its ports)."""
-    for attempt in range(_ATTEMPTS):
+
+    def launch() -> Proc:
         grpc_port = port or free_port()
         metrics_port = free_port() if metrics else None
         cmd = command("model-server", "model_server.cli")
         cmd += [*(["--model", model] if model else []), "--port", str(grpc_port), *args]
         if metrics_port:
             cmd += ["--metrics-port", str(metrics_port)]
-        p = spawn("model-server", cmd, grpc_port, metrics_port, env)
-        if not wait:
-            return p
-        try:
-            wait_serving(p, timeout)
-        except RuntimeError as err:
-            if attempt + 1 < _ATTEMPTS and _lost_port_race(err):
-                continue
-            raise
-        return p
-    raise AssertionError("unreachable")
+        return spawn("model-server", cmd, grpc_port, metrics_port, env)
+
+    ready = functools.partial(wait_serving, timeout=timeout) if wait else None
+    return _started(launch, ready, retry=port is None or metrics)
 
 
 def spawn_bridge(
@@ -245,20 +248,17 @@ def spawn_bridge(
     """Starts ``http-bridge`` and by default waits until it answers HTTP (any status: 503
     while it has not yet seen a backend healthy; starting again on another port when it lost
     a race for its port)."""
-    for attempt in range(_ATTEMPTS):
+
+    def launch() -> Proc:
         http_port = port or free_port()
         cmd = [*command("http-bridge", "http_bridge.cli"), "--port", str(http_port), *args]
-        p = spawn("http-bridge", cmd, http_port, env=env)
-        if not wait:
-            return p
-        try:
-            p.wait_ready(functools.partial(_answers, p.url + "/health"), timeout, "answering")
-        except RuntimeError as err:
-            if attempt + 1 < _ATTEMPTS and port is None and _lost_port_race(err):
-                continue
-            raise
-        return p
-    raise AssertionError("unreachable")
+        return spawn("http-bridge", cmd, http_port, env=env)
+
+    def answering(p: Proc) -> None:
+        url = p.url + "/health"
+        p.wait_ready(lambda: http_status(url) is not None, timeout, "answering")
+
+    return _started(launch, answering if wait else None, retry=port is None)
 
 
 @contextlib.contextmanager
