@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_server.engine.detokenizer import IncrementalDetokenizer
-from model_server.engine.sampling import PenaltyState, RowSampling, sample
+from model_server.engine.sampling import PenaltyState, RowSampling, inverse_cdf, sample
 from model_server.engine.stop import StopStringMatcher
 from model_server.engine.types import SamplingParams
 
@@ -93,6 +93,24 @@ def test_top_p_keeps_only_the_nucleus():
     p = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7)
     seen = {pick(logits, rows(p, seed=s), frozenset())[0] for s in range(200)}
     assert seen == {0, 1}
+
+
+def test_inverse_cdf_follows_the_distribution_and_never_picks_a_zero():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 2.0, 0.0, 6.0, 0.0]])
+    top = torch.tensor(1.0).nextafter(torch.tensor(0.0))  # the largest uniform below 1
+    edges = inverse_cdf(probs, torch.tensor([0.0, 0.0]))[0].tolist()
+    assert edges == [1, 2]  # the first token with any probability
+    assert inverse_cdf(probs, torch.stack([top, top]))[0].tolist() == [4, 4]
+    n = 10_000  # an even grid of uniforms: token counts follow the probabilities
+    grid = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    for row, want in (
+        (probs[0], [0, 5000, 0, 3000, 2000, 0]),
+        (probs[1], [0, 0, 2500, 0, 7500, 0]),
+    ):
+        drawn, total = inverse_cdf(row.expand(n, -1), grid)
+        assert total.eq(row.sum()).all()
+        counts = torch.bincount(drawn, minlength=6).tolist()
+        assert all(abs(c - w) <= 1 for c, w in zip(counts, want, strict=True)), counts
 
 
 def test_seeded_rows_are_independent_of_batch_neighbours():

@@ -1,8 +1,9 @@
 """Batched sampling where every row keeps its own parameters and its own random stream.
 
 One call handles a whole lane of the running batch: penalties, eos suppression, temperature,
-top-k, top-p, min-p are applied as tensor ops over [B, V]; only the final draw loops over rows, so
-each request's seeded ``torch.Generator`` gives the same tokens whatever else is in the batch.
+top-k, top-p, min-p are applied as tensor ops over [B, V], and so is the draw (:func:`inverse_cdf`);
+only taking one uniform number per row loops over rows, from the row's own ``torch.Generator``, so
+a seeded request gets the same tokens whatever else is in the batch.
 
 Isolation: one row can never fail another. Values that would overflow are clamped (a
 temperature below ``SAMPLING_EPS`` is greedy, the repetition penalty is kept in
@@ -151,42 +152,62 @@ def sample(
     for i in bad.nonzero().squeeze(1).tolist():
         result.failed.setdefault(i, "no token can be sampled (every token is masked out)")
 
-    out = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
     live = [i for i in range(len(rows)) if i not in result.failed]
     greedy = [i for i in live if rows[i].params.greedy]
     sampled = [i for i in live if not rows[i].params.greedy]
+    tokens = result.tokens
     if greedy:
         idx = torch.tensor(greedy, device=logits.device)
-        out[idx] = logits[idx].argmax(dim=-1)
+        for i, token in zip(greedy, logits[idx].argmax(dim=-1).tolist(), strict=True):
+            tokens[i] = token
     if sampled:
         idx = torch.tensor(sampled, device=logits.device)
         probs = _filtered_probs(logits[idx], [rows[i].params for i in sampled])
-        total = probs.sum(dim=-1)
-        ok = torch.isfinite(total) & (total > 0)
-        for j, i in enumerate(sampled):
-            if not bool(ok[j]):
+        uniforms = torch.cat([_uniform(rows[i].generator, probs.device) for i in sampled])
+        drawn, total = inverse_cdf(probs, uniforms)
+        ok = (torch.isfinite(total) & (total > 0)).tolist()
+        for i, token, fine in zip(sampled, drawn.tolist(), ok, strict=True):
+            if fine:
+                tokens[i] = token
+            else:
                 result.failed[i] = "the sampling distribution is not finite"
-                continue
-            out[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-    tokens = out.tolist()
-    for i in range(len(rows)):
-        if i not in result.failed:
-            result.tokens[i] = tokens[i]
     if raw_logprobs is not None:
         _take_logprobs(raw_logprobs, want, rows, tokens, result)
     return result
+
+
+def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One draw in [0, 1) from the row's own random stream: a row consumes the same numbers
+    whatever else is in the batch, so a seed gives the same tokens in any batch."""
+    return torch.rand(1, generator=generator, device=device)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``probs`` [n, V] (each row non-negative, any positive sum) for its
+    uniform in [0, 1): the first token whose cumulative probability exceeds ``u * total``.
+    Returns the tokens and each row's total (not finite or 0: the row has no distribution).
+
+    One cumulative sum and one search for the whole batch. ``torch.multinomial`` per row cost
+    ~0.9 ms at a 49k vocabulary on a CPU (it draws a random number per token), which at 200
+    sampled rows was half of a decode step. A token with probability 0 (filtered out) is never
+    chosen: the cumulative sum does not rise there, and the target stays below the total."""
+    cum = probs.cumsum(dim=-1)
+    total = cum[:, -1:]
+    below = total.nextafter(cum.new_zeros(()))
+    target = torch.minimum(uniforms.to(cum.dtype).unsqueeze(1) * total, below)
+    return torch.searchsorted(cum, target, right=True).squeeze(1), total.squeeze(1)
 
 
 def _take_logprobs(
     raw: torch.Tensor,
     want: list[int],
     rows: Sequence[RowSampling],
-    tokens: list[int],
+    tokens: list[int | None],
     result: SampleResult,
 ) -> None:
     """The chosen tokens' raw log-probabilities and each row's top k, with one gather and one
     top-k over the rows that asked (per-row ops cost ~0.2 ms each at a 49k vocabulary)."""
-    chosen_ids = torch.tensor([tokens[i] for i in want], device=raw.device).unsqueeze(1)
+    chosen_ids = torch.tensor([tokens[i] or 0 for i in want], device=raw.device).unsqueeze(1)
     chosen = raw.gather(1, chosen_ids).squeeze(1).tolist()
     kmax = max(rows[i].logprobs or 0 for i in want)
     top_ids: list[list[int]] = []
@@ -224,9 +245,11 @@ def prompt_logprobs(
 
 
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The sampling distribution of each row; ``logits`` is the caller's own copy (scaled in
+    place)."""
     dev = logits.device
     temp = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
-    logits = logits / temp
+    logits = logits.div_(temp)
     top_k = [p.top_k for p in params]
     if any(k > 0 for k in top_k):
         vocab = logits.shape[-1]
