@@ -90,7 +90,7 @@ SAMPLING_EPS = 1e-5
 MAX_GRPC_REQUEST_BYTES = 4 * 1024 * 1024
 # Messages per choice read from the backend ahead of the client (a few KiB): the bound of the
 # bridge's buffering per stream, and small enough that a stalled client stalls the reads.
-STREAM_BUFFER = 4
+STREAM_BUFFER = 2
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
