@@ -8,8 +8,10 @@ Two parts, on the embedded model (or ``--model``), with no gRPC or HTTP in the w
   ratio is lost to host overhead inside the engine or to the forward itself.
 - **turns**: the multiturn scenario's conversation up to turn 15, then a turn-1-like and a
   turn-16-like request alternated ``--reps`` times (fresh text each time, so turn 16 hits the
-  cache for the history and computes ~180 tokens); TTFT of each and turn 16's split into
-  prefix-cache copy-in and forward. Alternating puts both under the same machine load.
+  cache for the history and computes ~180 tokens); TTFT of each, turn 16's split into
+  prefix-cache copy-in, forward and copy-out, and the page faults the engine thread took
+  during turn 16 (fresh memory costs more than the copy itself). Alternating puts both under
+  the same machine load.
 
 Prints tables and a ``BENCH_JSON`` line. Run it under ``flock -x /tmp/bench.lock`` on a shared box.
 """
@@ -138,6 +140,15 @@ async def levels(
     return rows
 
 
+def _minor_faults(tid: int) -> int:
+    """Minor page faults of one thread so far (Linux; 0 elsewhere)."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 async def turns(engine: Engine, timers: Timers, reps: int) -> dict[str, Any]:
     fmt, tok = engine.loaded.chat_format, engine.loaded.tokenizer
     history: list[ChatMessage] = []
@@ -145,7 +156,8 @@ async def turns(engine: Engine, timers: Timers, reps: int) -> dict[str, Any]:
         history.append(ChatMessage("user", turn_text(k)))
         _, out = await _generate(engine, fmt.render(history), TURN_REPLY_TOKENS, f"h{k}")
         history.append(ChatMessage("assistant", tok.decode(out)))
-    first, last, parts = [], [], []
+    first, last, parts, faults = [], [], [], []
+    tid = engine._thread.native_id or 0
     for j in range(reps):
         one = fmt.render([ChatMessage("user", f"Variant {j}. " + turn_text(0))])
         sixteen = fmt.render(
@@ -153,13 +165,16 @@ async def turns(engine: Engine, timers: Timers, reps: int) -> dict[str, Any]:
         )
         first.append((await _generate(engine, one, 1, f"a{j}"))[0])
         timers.reset()
+        before = _minor_faults(tid)
         last.append((await _generate(engine, sixteen, 1, f"b{j}"))[0])
+        faults.append(_minor_faults(tid) - before)
         parts.append({k: round(v, 4) for k, v in timers.seconds.items()})
     return {
         "prompt_tokens": [len(one), len(sixteen)],
         "ttft_turn1_s": first,
         "ttft_turn16_s": last,
         "turn16_parts_s": parts,
+        "turn16_engine_page_faults": faults,
         "median_ratio": statistics.median(last) / statistics.median(first),
     }
 
@@ -178,12 +193,17 @@ def _print_levels(rows: list[dict[str, Any]]) -> None:
 
 def _print_turns(t: dict[str, Any]) -> None:
     print(f"turn 1 ({t['prompt_tokens'][0]} tokens) vs turn 16 ({t['prompt_tokens'][1]} tokens)")
-    print("| rep | turn 1 TTFT ms | turn 16 TTFT ms | turn 16 forward ms | prefix copy-in ms |")
-    print("|---:|---:|---:|---:|---:|")
-    for i, (a, b, p) in enumerate(zip(t["ttft_turn1_s"], t["ttft_turn16_s"], t["turn16_parts_s"])):
+    print(
+        "| rep | turn 1 TTFT ms | turn 16 TTFT ms | turn 16 forward ms | prefix copy-in ms "
+        "| prefix copy-out ms | turn 16 page faults |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    rows = zip(t["ttft_turn1_s"], t["ttft_turn16_s"], t["turn16_parts_s"])
+    for i, (a, b, p) in enumerate(rows):
         print(
             f"| {i} | {a * 1e3:.0f} | {b * 1e3:.0f} | {p.get('forward', 0) * 1e3:.0f} | "
-            f"{p.get('prefix copy-in', 0) * 1e3:.0f} |"
+            f"{p.get('prefix copy-in', 0) * 1e3:.0f} | {p.get('prefix copy-out', 0) * 1e3:.0f} | "
+            f"{t['turn16_engine_page_faults'][i]} |"
         )
     print(f"median turn 16 / turn 1 = {t['median_ratio']:.2f}")
 

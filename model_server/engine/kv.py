@@ -122,15 +122,17 @@ def new_cache() -> GrowableCache:
 
 
 def nbytes(cache: GrowableCache | None) -> int:
-    """Bytes the cache's buffers really hold (spare room and rows kept after a leave too)."""
+    """Bytes the cache's buffers really hold (spare room and rows kept after a leave too);
+    a storage shared by several layers (a slab of ``cache_from_blocks``) counts once."""
     if cache is None:
         return 0
-    total = 0
+    storages = {}
     for layer in cache.layers:
         for t in (getattr(layer, "_k", None), getattr(layer, "_v", None)):
             if t is not None:
-                total += t.untyped_storage().nbytes()
-    return total
+                storage = t.untyped_storage()
+                storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def concat(
@@ -236,29 +238,47 @@ def layer_devices(cache: GrowableCache) -> list[torch.device]:
     return [layer.keys.device for layer in cache.layers]
 
 
+# Layers of a prefix hit share allocations of at most this many bytes (at least one layer each).
+SLAB_BYTES = 16 * 2**20
+
+
 def cache_from_blocks(
     blocks: list[torch.Tensor],
     spare: int = GROW_TOKENS,
     devices: Sequence[torch.device] | None = None,
 ) -> GrowableCache:
     """A one-row cache holding the given consecutive blocks (a prefix-cache hit), with room
-    for ``spare`` more positions (the rest of the prompt: no growth copy when it is computed).
-    Each layer is assembled from small per-layer stacks (cache-friendly, no full-size copy of
-    everything first), on ``devices[layer]`` when given (blocks live on the first layer's
-    device), else on the blocks' device."""
+    for ``spare`` more positions (the rest of the prompt: no growth copy when it is computed),
+    on ``devices[layer]`` when given (blocks live on the first layer's device), else on the
+    blocks' device.
+
+    Consecutive layers share one allocation (a slab ``[layers, 2, 1, heads, capacity,
+    head_dim]`` of at most ``SLAB_BYTES``) and each block is copied into a slab in one strided
+    copy: a few thousand copies instead of one per block, layer, keys and values (13,000 for
+    3.5k tokens of a 30-layer model, where the per-copy overhead cost more than the bytes).
+    Slabs stay small so that freed ones go back to the allocator's heap and the next hit
+    reuses their pages (see ``hostmem``) instead of faulting in fresh ones. A layer that grows
+    later moves to buffers of its own; its slab goes when its last layer has moved."""
     n = len(blocks)
     num_layers, _, h, bs, d = blocks[0].shape
+    capacity = n * bs + spare
+    layer_bytes = 2 * h * capacity * d * blocks[0].element_size()
+    per_slab = max(1, SLAB_BYTES // layer_bytes)
+    placed = [blocks[0].device if devices is None else devices[li] for li in range(num_layers)]
     layers = []
-    for li in range(num_layers):
-        layer = GrowableLayer()
-        bufs = []
-        device = blocks[0].device if devices is None else devices[li]
-        for kv_i in range(2):
-            buf = blocks[0].new_empty(1, h, n * bs + spare, d, device=device)
-            part = torch.stack([b[li, kv_i] for b in blocks], dim=1)  # [h, n, bs, d]
-            buf[0, :, : n * bs].view(h, n, bs, d).copy_(part)
-            bufs.append(buf)
-        layer.lazy_initialization(bufs[0], bufs[1])
-        layer.set_buffers(bufs[0], bufs[1], n * bs)
-        layers.append(layer)
+    start = 0
+    while start < num_layers:
+        end = start + 1
+        while end < num_layers and end - start < per_slab and placed[end] == placed[start]:
+            end += 1
+        slab = blocks[0].new_empty(end - start, 2, 1, h, capacity, d, device=placed[start])
+        filled = slab[:, :, 0, :, : n * bs].unflatten(3, (n, bs)).unbind(3)
+        whole = start == 0 and end == num_layers
+        torch._foreach_copy_(list(filled), blocks if whole else [b[start:end] for b in blocks])
+        for part in slab:
+            layer = GrowableLayer()
+            layer.lazy_initialization(part[0], part[1])
+            layer.set_buffers(part[0], part[1], n * bs)
+            layers.append(layer)
+        start = end
     return GrowableCache(layers)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import kv
+from . import hostmem, kv
 from .blocks import PrefixIndex, chain_hashes
 from .sampling import PenaltyState
 
@@ -79,6 +79,8 @@ class KVStore:
         self._layer_devices: list[torch.device] | None = None
         self.lanes: list[Lane] = []
         self.pending: dict[int, tuple[kv.GrowableCache, torch.Tensor]] = {}  # id(seq) →
+        if device.type == "cpu":  # lanes and prefix hits reuse freed pages (see hostmem)
+            hostmem.keep_freed_pages()
 
     # ---- accounting (the scheduler's MemoryModel) -------------------------------------------
 
