@@ -83,7 +83,9 @@ def test_greedy_and_top_k_one_agree():
     logits = torch.randn(3, 50)
     greedy = pick(logits, rows(*[SamplingParams(max_tokens=1, temperature=0)] * 3), frozenset())
     topk1 = pick(
-        logits, rows(*[SamplingParams(max_tokens=1, temperature=1.0, top_k=1)] * 3), frozenset()
+        logits.clone(),  # sample() edits its logits in place
+        rows(*[SamplingParams(max_tokens=1, temperature=1.0, top_k=1)] * 3),
+        frozenset(),
     )
     assert greedy == topk1 == logits.argmax(-1).tolist()
 
@@ -91,7 +93,7 @@ def test_greedy_and_top_k_one_agree():
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     p = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7)
-    seen = {pick(logits, rows(p, seed=s), frozenset())[0] for s in range(200)}
+    seen = {pick(logits.clone(), rows(p, seed=s), frozenset())[0] for s in range(200)}
     assert seen == {0, 1}
 
 
@@ -116,7 +118,7 @@ def test_inverse_cdf_follows_the_distribution_and_never_picks_a_zero():
 def test_seeded_rows_are_independent_of_batch_neighbours():
     logits = torch.randn(1, 100)
     p = SamplingParams(max_tokens=1, temperature=1.0, seed=7)
-    alone = [pick(logits, rows(p, seed=7), frozenset())[0]]
+    alone = [pick(logits.clone(), rows(p, seed=7), frozenset())[0]]
     other = SamplingParams(max_tokens=1, temperature=1.0)
     batched = pick(
         torch.cat([torch.randn(1, 100), logits]),
@@ -273,3 +275,42 @@ def test_lanes_long_rows_get_their_own_lane_when_padding_costs_more_than_the_wei
     store.lanes.append(Lane(rows=[rows[0]]))
     lane, _ = store.choose_lane(1, 6000)  # max_lanes reached: the cheapest join
     assert lane is not None
+
+
+@pytest.mark.parametrize("who", ["all", "some"])
+@pytest.mark.parametrize("penalized", [False, True])
+def test_logprobs_are_the_raw_log_softmax_on_every_path(who: str, penalized: bool):
+    """Rows that asked (all or some; with or without penalties, eos suppression, a mask,
+    greedy or sampled) get the log-softmax of their raw logits at the chosen token and the
+    top k, whichever copies sample() made or skipped."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 300) * 3
+    logits[0, 120] = logits[0].max() + 1.0  # row 0's best, by a margin
+    raw = logits.log_softmax(-1)
+    kinds = [
+        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=0.9, seed=5, min_tokens=2),
+        SamplingParams(max_tokens=4, temperature=0.7, top_p=0.8, seed=6),
+        SamplingParams(max_tokens=4, temperature=0),
+    ]
+    params = rows(*kinds, seed=5)
+    params[3].logit_masks.append(lambda row: row.__setitem__(slice(0, 150), float("-inf")))
+    asked = [0, 1, 2, 3] if who == "all" else [1, 3]
+    for i in asked:
+        params[i].logprobs = 3
+    state = None
+    if penalized:  # the chosen token itself is penalised (a little: it stays the best)
+        top = 120
+        params[0].params = SamplingParams(max_tokens=4, temperature=0, frequency_penalty=0.01)
+        state = PenaltyState([([top], [top])] + [([], [])] * 3, 300, torch.device("cpu"))
+    result = sample(logits.clone(), params, frozenset({7}), state)
+    assert not result.failed and set(result.logprobs) == set(asked)
+    if penalized:
+        assert result.tokens[0] == top
+    assert result.tokens[3] >= 150 and result.tokens[0] != 7 and result.tokens[1] != 7
+    for i in asked:
+        lp, token = result.logprobs[i], result.tokens[i]
+        assert abs(lp.logprob - float(raw[i, token])) < 1e-5
+        want = raw[i].topk(3)
+        assert [t for t, _ in lp.top] == want.indices.tolist()
+        assert all(abs(v - w) < 1e-5 for (_, v), w in zip(lp.top, want.values.tolist()))

@@ -115,14 +115,16 @@ def sample(
 ) -> SampleResult:
     """Picks one token per row of ``logits`` ([B, V], any float dtype).
 
-    fp32 logits are modified in place (they are the step's own output; copying [B, V] every
-    step would cost more than the sampling itself), after the raw log-probabilities that rows
-    asked for are taken.
+    fp32 logits are modified in place (they are the step's own output), after the raw
+    log-probabilities that rows asked for are taken. Every pass over [B, V] counts (at 200 rows
+    and a 49k vocabulary one costs 5-25 ms on a CPU, more when it allocates fresh memory), so
+    rows are copied out only when a subset needs it.
     """
     logits = logits.float()
-    result = SampleResult(tokens=[None] * len(rows))
+    n = len(rows)
+    result = SampleResult(tokens=[None] * n)
     want = [i for i, r in enumerate(rows) if r.logprobs is not None]
-    raw_logprobs = logits[want].log_softmax(dim=-1) if want else None
+    raw = _RawLogprobs(logits, want, rows, penalties is not None) if want else None
     bad = _not_finite(logits)
     if bool(bad.any()):
         if nan_guard_token_id is not None:  # ChatGLM2's own guard: carry on with one token
@@ -147,33 +149,42 @@ def sample(
         for mask in r.logit_masks:
             mask(logits[i])
     # Finite raw logits stay finite through the clamped penalties and temperature; only masks
-    # (eos suppression, logit masks) can leave a row with no token at all.
-    bad = logits.max(dim=-1).values == float("-inf")
-    for i in bad.nonzero().squeeze(1).tolist():
-        result.failed.setdefault(i, "no token can be sampled (every token is masked out)")
-
-    live = [i for i in range(len(rows)) if i not in result.failed]
+    # (eos suppression, logit masks) can leave a row with no token at all: its best is -inf.
+    dead = "no token can be sampled (every token is masked out)"
+    live = [i for i in range(n) if i not in result.failed]
     greedy = [i for i in live if rows[i].params.greedy]
     sampled = [i for i in live if not rows[i].params.greedy]
     tokens = result.tokens
     if greedy:
-        idx = torch.tensor(greedy, device=logits.device)
-        for i, token in zip(greedy, logits[idx].argmax(dim=-1).tolist(), strict=True):
-            tokens[i] = token
+        best = logits if len(greedy) == n else logits[_index(greedy, logits)]
+        values, ids = best.max(dim=-1)
+        for i, value, token in zip(greedy, values.tolist(), ids.tolist(), strict=True):
+            if value == float("-inf"):
+                result.failed[i] = dead
+            else:
+                tokens[i] = token
     if sampled:
-        idx = torch.tensor(sampled, device=logits.device)
-        probs = _filtered_probs(logits[idx], [rows[i].params for i in sampled])
-        uniforms = torch.cat([_uniform(rows[i].generator, probs.device) for i in sampled])
-        drawn, total = inverse_cdf(probs, uniforms)
+        # In place on the step's logits when no row needs them afterwards (a raw logprob).
+        own = len(sampled) == n and raw is None
+        x = logits if own else logits[_index(sampled, logits)]
+        weights, empty = _sampling_weights(x, [rows[i].params for i in sampled])
+        uniforms = torch.cat([_uniform(rows[i].generator, x.device) for i in sampled])
+        drawn, total = inverse_cdf(weights, uniforms)
         ok = (torch.isfinite(total) & (total > 0)).tolist()
-        for i, token, fine in zip(sampled, drawn.tolist(), ok, strict=True):
-            if fine:
+        for i, token, fine, none in zip(sampled, drawn.tolist(), ok, empty, strict=True):
+            if none:
+                result.failed[i] = dead
+            elif fine:
                 tokens[i] = token
             else:
                 result.failed[i] = "the sampling distribution is not finite"
-    if raw_logprobs is not None:
-        _take_logprobs(raw_logprobs, want, rows, tokens, result)
+    if raw is not None:
+        raw.take(logits, tokens, result)
     return result
+
+
+def _index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, device=like.device)
 
 
 def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -182,45 +193,67 @@ def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.T
     return torch.rand(1, generator=generator, device=device)
 
 
-def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of ``probs`` [n, V] (each row non-negative, any positive sum) for its
-    uniform in [0, 1): the first token whose cumulative probability exceeds ``u * total``.
-    Returns the tokens and each row's total (not finite or 0: the row has no distribution).
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``weights`` [n, V] (each row non-negative, any positive sum: a
+    softmax needs no normalising here) for its uniform in [0, 1): the first token whose
+    cumulative weight exceeds ``u * total``. Returns the tokens and each row's total (not
+    finite or 0: the row has no distribution).
 
     One cumulative sum and one search for the whole batch. ``torch.multinomial`` per row cost
     ~0.9 ms at a 49k vocabulary on a CPU (it draws a random number per token), which at 200
-    sampled rows was half of a decode step. A token with probability 0 (filtered out) is never
+    sampled rows was half of a decode step. A token of weight 0 (filtered out) is never
     chosen: the cumulative sum does not rise there, and the target stays below the total."""
-    cum = probs.cumsum(dim=-1)
+    cum = weights.cumsum(dim=-1)
     total = cum[:, -1:]
     below = total.nextafter(cum.new_zeros(()))
     target = torch.minimum(uniforms.to(cum.dtype).unsqueeze(1) * total, below)
     return torch.searchsorted(cum, target, right=True).squeeze(1), total.squeeze(1)
 
 
-def _take_logprobs(
-    raw: torch.Tensor,
-    want: list[int],
-    rows: Sequence[RowSampling],
-    tokens: list[int | None],
-    result: SampleResult,
-) -> None:
-    """The chosen tokens' raw log-probabilities and each row's top k, with one gather and one
-    top-k over the rows that asked (per-row ops cost ~0.2 ms each at a 49k vocabulary)."""
-    chosen_ids = torch.tensor([tokens[i] or 0 for i in want], device=raw.device).unsqueeze(1)
-    chosen = raw.gather(1, chosen_ids).squeeze(1).tolist()
-    kmax = max(rows[i].logprobs or 0 for i in want)
-    top_ids: list[list[int]] = []
-    top_values: list[list[float]] = []
-    if kmax:
-        top = raw.topk(kmax, dim=-1)  # sorted: a row's first k are its top k
-        top_ids, top_values = top.indices.tolist(), top.values.tolist()
-    for j, i in enumerate(want):
-        if i in result.failed:
-            continue
-        k = rows[i].logprobs or 0
-        alternatives = list(zip(top_ids[j][:k], top_values[j][:k])) if k else []
-        result.logprobs[i] = TokenLogprobs(chosen[j], alternatives)
+class _RawLogprobs:
+    """The raw log-probabilities rows asked for, taken before the logits are processed: each
+    row's log-sum-exp and top k, from one pass each over the rows that asked (no [B, V]
+    log-softmax). The chosen token's raw logit is read after sampling: eos suppression and
+    masks only forbid tokens, so a chosen token's logit is untouched; penalties are the one
+    edit that can change it, so with penalties the raw rows are kept."""
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        want: list[int],
+        rows: Sequence[RowSampling],
+        penalized: bool,
+    ) -> None:
+        self.want = want
+        self.rows = rows
+        subset = len(want) < logits.shape[0]
+        src = logits[_index(want, logits)] if subset else logits
+        self.kept = src if subset else src.clone() if penalized else None
+        self.lse = src.logsumexp(dim=-1)
+        self.k = [rows[i].logprobs or 0 for i in want]
+        self.top: torch.return_types.topk | None = (
+            src.topk(max(self.k), dim=-1) if any(self.k) else None
+        )
+
+    def take(self, logits: torch.Tensor, tokens: list[int | None], result: SampleResult) -> None:
+        """The chosen tokens' log-probabilities and each row's top k, into ``result``."""
+        chosen_ids = torch.tensor([tokens[i] or 0 for i in self.want], device=logits.device)
+        if self.kept is not None:
+            values = self.kept.gather(1, chosen_ids.unsqueeze(1)).squeeze(1)
+        else:
+            values = logits[_index(self.want, logits), chosen_ids]
+        chosen = (values - self.lse).tolist()
+        top_ids: list[list[int]] = []
+        top_values: list[list[float]] = []
+        if self.top is not None:  # sorted: a row's first k are its top k
+            top_ids = self.top.indices.tolist()
+            top_values = (self.top.values - self.lse.unsqueeze(1)).tolist()
+        for j, i in enumerate(self.want):
+            if i in result.failed:
+                continue
+            k = self.k[j]
+            alternatives = list(zip(top_ids[j][:k], top_values[j][:k])) if k else []
+            result.logprobs[i] = TokenLogprobs(chosen[j], alternatives)
 
 
 def prompt_logprobs(
@@ -244,9 +277,12 @@ def prompt_logprobs(
     ]
 
 
-def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """The sampling distribution of each row; ``logits`` is the caller's own copy (scaled in
-    place)."""
+def _sampling_weights(
+    logits: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor, list[bool]]:
+    """Each row's sampling distribution as unnormalised weights (``exp`` of the filtered,
+    tempered logits less their maximum), and which rows have no token left at all.
+    ``logits`` is edited in place (the caller's copy, or logits nothing reads afterwards)."""
     dev = logits.device
     temp = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
     logits = logits.div_(temp)
@@ -255,19 +291,21 @@ def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
         vocab = logits.shape[-1]
         k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=dev)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill_(logits < kth, float("-inf"))
     # Decided on the host: a device tensor's .any() would sync the GPU every step.
     if any(p.top_p < 1.0 for p in params):
         top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill_(drop, float("-inf"))
+        logits = logits.scatter_(1, order, sorted_logits)
+    best = logits.max(dim=-1, keepdim=True).values
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
         # p < min_p * p_max  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps all.
-        floor = logits.max(dim=-1, keepdim=True).values + min_p.log()
-        logits = logits.masked_fill(logits < floor, float("-inf"))
-    return logits.softmax(dim=-1)
+        logits = logits.masked_fill_(logits < best + min_p.log(), float("-inf"))
+    empty = (best.squeeze(1) == float("-inf")).tolist()
+    # A row with nothing left would be NaN (-inf - -inf): it is failed, its weights unused.
+    return logits.sub_(best.clamp(min=torch.finfo(logits.dtype).min)).exp_(), empty
