@@ -275,10 +275,13 @@ def cache_from_blocks(
         filled = slab[:, :, 0, :, : n * bs].unflatten(3, (n, bs)).unbind(3)
         whole = start == 0 and end == num_layers
         torch._foreach_copy_(list(filled), blocks if whole else [b[start:end] for b in blocks])
-        for part in slab:
+        for j in range(end - start):
+            # Detached: plain tensors over the slab's memory, not autograd views, so writing
+            # into them in place is allowed in any grad mode (as into a buffer of their own).
+            keys, values = slab[j, 0].detach(), slab[j, 1].detach()
             layer = GrowableLayer()
-            layer.lazy_initialization(part[0], part[1])
-            layer.set_buffers(part[0], part[1], n * bs)
+            layer.lazy_initialization(keys, values)
+            layer.set_buffers(keys, values, n * bs)
             layers.append(layer)
         start = end
     return GrowableCache(layers)
