@@ -135,3 +135,14 @@ def test_kept_pages_are_reused_without_faults() -> None:
     # 8 MiB is 2,048 pages: one fault each, or fewer where the kernel maps several at once.
     assert faults("keep") < 32  # the freed buffer's pages, reused
     assert faults("default") >= 128  # glibc's default: fresh pages, faulted in again
+
+
+def test_slab_layers_take_in_place_writes_in_any_grad_mode() -> None:
+    """Built under no_grad, written by a forward with grad enabled: allowed, as for a layer
+    with buffers of its own (an autograd view of the slab would refuse it)."""
+    blocks = [torch.randn(LAYERS, 2, HEADS, BS, DIM) for _ in range(2)]
+    with torch.no_grad():
+        cache = kv.cache_from_blocks(blocks, spare=3)
+    new = torch.randn(1, HEADS, 1, DIM, requires_grad=True) * 1.0
+    keys, _ = cache.layers[0].update(new, new)
+    assert torch.equal(keys[0, :, -1].detach(), new[0, :, 0].detach())
