@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_server.engine.detokenizer import IncrementalDetokenizer
-from model_server.engine.sampling import PenaltyState, RowSampling, inverse_cdf, sample
+from model_server.engine.sampling import PenaltyState, RowSampling, exponential_race, sample
 from model_server.engine.stop import StopStringMatcher
 from model_server.engine.types import SamplingParams
 
@@ -97,22 +97,19 @@ def test_top_p_keeps_only_the_nucleus():
     assert seen == {0, 1}
 
 
-def test_inverse_cdf_follows_the_distribution_and_never_picks_a_zero():
-    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 2.0, 0.0, 6.0, 0.0]])
-    top = torch.tensor(1.0).nextafter(torch.tensor(0.0))  # the largest uniform below 1
-    edges = inverse_cdf(probs, torch.tensor([0.0, 0.0]))[0].tolist()
-    assert edges == [1, 2]  # the first token with any probability
-    assert inverse_cdf(probs, torch.stack([top, top]))[0].tolist() == [4, 4]
-    n = 10_000  # an even grid of uniforms: token counts follow the probabilities
-    grid = (torch.arange(n, dtype=torch.float32) + 0.5) / n
-    for row, want in (
-        (probs[0], [0, 5000, 0, 3000, 2000, 0]),
-        (probs[1], [0, 0, 2500, 0, 7500, 0]),
-    ):
-        drawn, total = inverse_cdf(row.expand(n, -1), grid)
-        assert total.eq(row.sum()).all()
-        counts = torch.bincount(drawn, minlength=6).tolist()
-        assert all(abs(c - w) <= 1 for c, w in zip(counts, want, strict=True)), counts
+def test_exponential_race_follows_the_distribution_and_never_picks_a_zero():
+    weights = torch.tensor([0.0, 5.0, 0.0, 3.0, 2.0, 0.0])  # any positive sum
+    n = 4000  # seeded: the counts are the same every run
+    gens = [torch.Generator().manual_seed(s) for s in range(n)]
+    drawn = exponential_race(weights.expand(n, -1).clone(), gens)
+    counts = torch.bincount(drawn, minlength=6).tolist()
+    assert counts[0] == counts[2] == counts[5] == 0
+    for token, p in ((1, 0.5), (3, 0.3), (4, 0.2)):  # within 4 standard deviations
+        assert abs(counts[token] - p * n) < 4 * (n * p * (1 - p)) ** 0.5, counts
+    again = exponential_race(
+        weights.expand(n, -1).clone(), [torch.Generator().manual_seed(s) for s in range(n)]
+    )
+    assert torch.equal(again, drawn)
 
 
 def test_seeded_rows_are_independent_of_batch_neighbours():
