@@ -410,21 +410,27 @@ class Engine:
         if not self._pauses:
             return
         self._take_inbox()  # as for aborts: a paused request is always visible below
+        leaving: dict[int, tuple[Lane, list[Sequence]]] = {}
         while self._pauses:
             seq, pause = self._pauses.popleft()
             if pause and seq.state in ("waiting", "prefilling", "running"):
-                self._park(seq)
+                self._park(seq, leaving)
             elif not pause and seq.state == "paused":
                 self.scheduler.unpark(seq)
+        # Clients tend to stall together (a burst of slow readers): a lane copies its rows
+        # once for all of its rows that leave, not once per row.
+        for lane, rows in leaving.values():
+            self.kv.leave(lane, rows, shrink=True)
         self._publish()
 
-    def _park(self, seq: Sequence) -> None:
+    def _park(self, seq: Sequence, leaving: dict[int, tuple[Lane, list[Sequence]]]) -> None:
         """Frees a paused request's seat and KV. A running row's full blocks go to the prefix
-        cache first, so resuming recomputes only its last, partial block."""
+        cache first, so resuming recomputes only its last, partial block; the row itself is
+        added to ``leaving`` (by lane), for the caller to remove."""
         if seq.state == "running":
             lane = self.kv.lane_of(seq)
             self._cache_prefix(seq, lane.cache, lane.mask, lane.rows.index(seq))
-            self.kv.leave(lane, [seq], shrink=True)
+            leaving.setdefault(id(lane), (lane, []))[1].append(seq)
         elif seq.state == "prefilling":
             self.kv.drop_pending(seq)
         self.scheduler.park(seq)
