@@ -845,6 +845,17 @@ async def watch_bridge(
             await asyncio.wait_for(stop.wait(), every)
 
 
+async def watched(stack: Stack, normal: int, work: Awaitable[Load]) -> Load:
+    """``work`` under the same :func:`watch_bridge` sampling as the run beside slow readers."""
+    stop = asyncio.Event()
+    watcher = asyncio.ensure_future(watch_bridge(stack, BridgeWatch(), stop, normal))
+    try:
+        return await work
+    finally:
+        stop.set()
+        await watcher
+
+
 async def fast_readers(url: str, body: dict[str, Any], count: int) -> int:
     """``count`` streams of ``body`` read as fast as they come (raw bytes, unparsed); bytes."""
     limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
@@ -869,7 +880,12 @@ async def slowreaders(ctx: Context, opts: Options) -> dict[str, Any]:
     assert stack.bridge is not None
     await ctx.warm_up()
     log(f"  c={c} alone for {opts.slow_seconds:.0f} s")
-    alone, alone_cost = await measured(stack, closed_loop(ctx, c, opts.slow_seconds))
+    # Every run is watched the same way: the sampling (a metrics scrape of each process four
+    # times a second) costs the server and the bridge CPU, so an unwatched "alone" would be
+    # faster for that reason alone.
+    alone, alone_cost = await measured(
+        stack, watched(stack, c, closed_loop(ctx, c, opts.slow_seconds))
+    )
     log(f"  alone: {alone.requests} requests, {alone.tokens / alone.seconds:.1f} tok/s")
     settled_alone = await gauges_settle(stack)
     bridge = stack.bridge
@@ -886,7 +902,9 @@ async def slowreaders(ctx: Context, opts: Options) -> dict[str, Any]:
     fast_job = asyncio.ensure_future(
         fast_readers(stack.base_url + "/chat/completions", body, opts.slow_readers)
     )
-    fast, fast_cost = await measured(stack, closed_loop(ctx, c, opts.slow_seconds))
+    fast, fast_cost = await measured(
+        stack, watched(stack, c, closed_loop(ctx, c, opts.slow_seconds))
+    )
     fast_bytes = await fast_job
     log(f"  fast: {fast.requests} requests, {fast.tokens / fast.seconds:.1f} tok/s")
     await gauges_settle(stack)
