@@ -150,7 +150,11 @@ def test_auto_generic_format_unwraps(client: openai.OpenAI, model: str) -> None:
             model=model, messages=ASK, tools=TOOLS, max_tokens=40, temperature=1.0, seed=seed
         )
         choice = out.choices[0]
-        if choice.message.tool_calls:
+        if choice.message.tool_calls and choice.finish_reason == "length":
+            # Cut mid-call by max_tokens: the calls as far as they got (as OpenAI does; see
+            # test_call_cut_short_by_max_tokens), still named, never the wrapper.
+            assert all(c.function.name in SCHEMAS for c in choice.message.tool_calls)
+        elif choice.message.tool_calls:
             assert choice.finish_reason == "tool_calls"
             check_calls(choice.message.tool_calls)
         else:
