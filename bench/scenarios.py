@@ -82,8 +82,8 @@ SLOW_SECONDS = 60.0  # the slow clients read this long; the normal loop runs thi
 SLOW_NORMAL_CONCURRENCY = 16
 SLOW_WRITE_TIMEOUT = 20.0  # the bridge's --stream-write-timeout in this scenario
 # With 20 top logprobs a token is ~2 KB of SSE, so a slow stream outgrows the buffers between
-# the engine and the client (the bridge's 16 KiB socket send buffer and 4 KiB write buffer, 2
-# messages read ahead, a 2 KiB gRPC stream window, the server's 4-output backlog) after ~22
+# the engine and the client (1 KiB unsent in the bridge's socket, its 4 KiB write buffer, 1
+# message read ahead, a 1 KiB gRPC stream window, the server's 3-output backlog) after ~12
 # tokens: then the model server pauses it.
 SLOW_MAX_TOKENS = 128
 SLOW_TOP_LOGPROBS = 20

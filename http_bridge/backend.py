@@ -76,10 +76,11 @@ def service_config(settings: Settings) -> dict:
     }
 
 
-# A stream's HTTP/2 receive window: ~50 plain token messages, or ~2 with 20 top logprobs (each
+# A stream's HTTP/2 receive window: ~25 plain token messages, or ~1 with 20 top logprobs (each
 # KiB of it is a token the model server generates for a client that stopped reading). Plenty
-# for a token stream: a window update per 2 KiB read, ~5 MB/s per stream on loopback.
-STREAM_WINDOW_BYTES = 2048
+# for a token stream: a window update per KiB read, a few MB/s per stream on loopback; a
+# megabyte-sized message (prompt logprobs of a long prompt) takes ~1,000 round trips.
+STREAM_WINDOW_BYTES = 1024
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int | str]]:

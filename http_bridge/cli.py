@@ -17,14 +17,17 @@ log = logging.getLogger("http_bridge")
 
 # What a client that stops reading can hold up before the bridge's writes wait (then the
 # bridge stops reading its gRPC stream, the model server pauses the request, and
-# --stream-write-timeout starts to count): the kernel send buffer of each connection (fixed:
-# autotuning would let it grow to megabytes; Linux doubles the value) plus uvicorn's write
-# buffer past its high-water mark (asyncio's default is 64 KiB). ~20 KiB in all: ~10 tokens with
-# 20 top logprobs, ~100 plain ones. The send buffer bounds throughput (still 600 KiB/s for one
-# stream at 50 ms of round trip); the high-water mark only decides when a stream's writes wait
-# (a large body is still handed over whole), so it can be small.
-SEND_BUFFER_BYTES = 16 * 1024
+# --stream-write-timeout starts to count). The kernel keeps at most UNSENT_BYTES of a
+# connection's data that it could not send yet (TCP_NOTSENT_LOWAT: a client whose receive
+# window is shut leaves the rest in uvicorn's write buffer, which waits past WRITE_BUFFER_BYTES),
+# while data in flight is left to the kernel's send-buffer autotuning: a fast client far away
+# keeps its throughput, a stalled one holds ~5 KiB here (~2 tokens with 20 top logprobs). The
+# high-water mark only decides when a stream's writes wait (a large body is still handed over
+# whole), so it can be small. Without TCP_NOTSENT_LOWAT the send buffer is fixed instead
+# (FALLBACK_SEND_BUFFER_BYTES, which Linux doubles; autotuning would let it grow to megabytes).
+UNSENT_BYTES = 1024
 WRITE_BUFFER_BYTES = 4 * 1024
+FALLBACK_SEND_BUFFER_BYTES = 16 * 1024
 
 
 class BoundedBufferProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -32,8 +35,11 @@ class BoundedBufferProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio.Transport
         sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        if sock is not None and sock.family != socket.AF_UNIX:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_BYTES)
+            except (AttributeError, OSError):  # not on this platform
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FALLBACK_SEND_BUFFER_BYTES)
         transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
         super().connection_made(transport)
 

@@ -141,7 +141,7 @@ class Settings:
         default_text="`0` = by device: 256 on CPU, 2048 on GPU",
     )
     max_stream_backlog: int = setting(
-        4,
+        3,
         flag="--max-stream-backlog",
         env="GLMSERVE_MAX_STREAM_BACKLOG",
         help="a stream whose client leaves this many outputs unread is paused: its seat, "

@@ -88,9 +88,10 @@ SAMPLING_EPS = 1e-5
 # The model server's gRPC receive limit (grpc's default): a larger ChatRequest never arrives, and
 # grpc would report it as RESOURCE_EXHAUSTED, which reads as a retryable 429.
 MAX_GRPC_REQUEST_BYTES = 4 * 1024 * 1024
-# Messages per choice read from the backend ahead of the client (a few KiB): the bound of the
-# bridge's buffering per stream, and small enough that a stalled client stalls the reads.
-STREAM_BUFFER = 2
+# Messages per choice read from the backend ahead of the client (one: the next one is read
+# while the last is written): the bound of the bridge's buffering per stream, so that a stalled
+# client stalls the reads at once.
+STREAM_BUFFER = 1
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}

@@ -69,7 +69,7 @@ class EngineConfig:
     max_lanes: int = 4
     # Backpressure: a stream whose consumer leaves this many outputs unread is paused (its
     # seat, compute and KV freed) until it has read all but a quarter of them; 0: never.
-    max_stream_backlog: int = 4
+    max_stream_backlog: int = 3
 
 
 class RequestStream:
