@@ -184,9 +184,11 @@ async def drive(stack: Stack, args: argparse.Namespace, result: dict[str, Any]) 
 
 
 async def _longest_probe(client: AsyncOpenAI, model: str, repeats: int = 3) -> dict[str, Any]:
-    """TTFT of the longest prompt alone (1 output token) through the bridge, median of 3."""
+    """TTFT of the longest prompt alone (1 output token) through the bridge, median of 3: a
+    full prefill, so each starts with words of its own (the c=1 run sent the same prompt, and
+    the prefix cache would otherwise serve all but its last block)."""
     send = bridge_request_fn(client, model, 1)
-    results = [await send(longest()) for _ in range(repeats)]
+    results = [await send(f"Probe {i} at {time.time_ns()}: {longest()}") for i in range(repeats)]
     ttfts = [r.ttft for r in results if r.ok and r.ttft is not None]
     return {
         "prompt_tokens": max((r.prompt_tokens for r in results), default=0),
