@@ -221,7 +221,6 @@ class _RawLogprobs:
         penalized: bool,
     ) -> None:
         self.want = want
-        self.rows = rows
         subset = len(want) < logits.shape[0]
         src = logits[_index(want, logits)] if subset else logits
         self.kept = src if subset else src.clone() if penalized else None
