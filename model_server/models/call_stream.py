@@ -83,11 +83,6 @@ class CallStream:
             return None
         return call.arguments
 
-    def streamed_text(self, k: int) -> str:
-        """What the deltas of call ``k`` carried (a prefix of its arguments)."""
-        call = self.calls[k]
-        return call.arguments if call.name is not None and call.streamed else ""
-
     # ---- scanning ------------------------------------------------------------------------
 
     def feed(self, text: str) -> list[CallDelta]:

@@ -64,12 +64,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((hi, lo), dim=-1).reshape(packed.shape[0], -1)
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: Bits) -> torch.Tensor:
-    """The format's reference dequantization, in fp32: ``q * scale[row]``."""
-    q = unpack_int4(weight) if bits == 4 else weight.view(torch.int8)
-    return q.float() * scale.float()[:, None]
-
-
 def _tinygemm_group(in_features: int) -> int | None:
     return next((g for g in _TINYGEMM_GROUPS if in_features % g == 0), None)
 
