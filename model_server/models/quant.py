@@ -3,7 +3,7 @@
 ChatGLM's quantized checkpoints (``quantization_bit`` 4 or 8) store, per replaced linear, an
 int8 ``weight`` (8 bit: the codes, ``[out, in]``; 4 bit: two signed nibbles per byte,
 ``[out, in / 2]``, column 2j in the high nibble) and an fp16 ``weight_scale`` per output row:
-``w = q * scale[row]`` (docs/chatglm2.md, "Quantized checkpoints").
+``w = q * scale[row]`` (docs/chatglm2.md, "int4 and int8 checkpoints").
 
 How each is computed was chosen by measurement (``python -m bench.quant_kernels``; numbers in
 docs/chatglm2.md):

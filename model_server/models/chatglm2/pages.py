@@ -2,7 +2,8 @@
 
 ``torch.load(mmap=True)`` maps a whole shard; every page we read stays resident (and counts in
 RSS) until the *last* tensor of the shard is freed, so peak RAM would be model + one shard.
-Dropping each tensor's pages right after its copy brings that down to model + one tensor.
+Dropping the pages right after each copy (:func:`copy_releasing`: a big tensor in row chunks)
+brings that down to model + one chunk.
 
 Only pages that (a) lie entirely inside the tensor's own bytes and (b) belong to a mapping
 of the shard file itself are released. ``MADV_DONTNEED`` on a clean file-backed mapping just
