@@ -1,4 +1,4 @@
-"""Per-key limits on the generation routes: request rate, token rate, concurrent requests.
+"""Per-key limits on ``POST /v1/chat/completions``: request rate, token rate, concurrent requests.
 
 A key is the caller's API key (held as a SHA-256 digest, never the key itself) when ``--api-key``
 is set, else the client IP as uvicorn reports it (``X-Forwarded-For`` counts only from the
@@ -36,7 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from http_bridge.errors import APIError
 
-# The routes that generate; /health, /metrics and /v1/models are never limited.
+# The limited routes. /v1/completions generates too but is not among them (its lease_of call
+# finds no lease); /health, /metrics and /v1/models are never limited.
 LIMITED_PATHS = frozenset({"/v1/chat/completions"})
 LEASE_KEY = "glmserve.limits.lease"
 
