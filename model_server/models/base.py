@@ -207,7 +207,7 @@ class LoadedModel:
     source: str
     default_temperature: float = 1.0
     default_top_p: float = 1.0
-    # ChatGLM2's guard: if any logit is NaN/inf, all become 0 and this token id gets 5e4.
+    # ChatGLM2's guard: if any logit is NaN or +inf, all become 0 and this token id gets 5e4.
     nan_guard_token_id: int | None = None
     # How the weights are quantized (e.g. "int4 (tinygemm)"), None for full precision.
     quantization: str | None = None
