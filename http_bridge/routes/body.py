@@ -4,8 +4,9 @@ Python's ``json`` is lenient where a public API must not be: it accepts ``NaN``/
 keeps the last of duplicate keys (another parser in front of us may keep the first, and check
 a different value), decodes ``"\\ud800"`` into a lone surrogate that protobuf cannot encode (a 500
 at the gRPC call), guesses UTF-16/32 from the bytes, and recurses until ``RecursionError``. The
-chat route uses :class:`JSONBodyRoute`, which reads the body and refuses all of that with a 4xx
-in the OpenAI envelope (``param`` names the place), then lets FastAPI validate the parsed value.
+chat and completions routes use :class:`JSONBodyRoute`, which reads the body and refuses all of
+that with a 4xx in the OpenAI envelope (``param`` names the place), then lets FastAPI validate
+the parsed value.
 
 Policies: the body must be ``Content-Type: application/json`` (or ``+json``; a ``charset``, if
 any, ``utf-8``) without a ``Content-Encoding``, else 415; UTF-8 only; duplicate keys, lone
