@@ -1,4 +1,4 @@
-"""glmserve's gRPC contract (stubs generated from proto/ by `make proto`; do not edit), what
-both processes share in the stdlib alone (logging: `glmserve.logs`; settings declared once:
-`glmserve.settings`, their docs tables: `glmserve.settings_doc`), and the process harness of
-the tests and benchmarks (`glmserve.testing`)."""
+"""glmserve's gRPC contract (stubs generated from proto/ by `make proto`; do not edit), the
+stdlib-only modules both processes share (`glmserve.logs`, `glmserve.settings`), the docs
+tables rendered from the settings (`glmserve.settings_doc`), and the process harness of the
+tests and benchmarks (`glmserve.testing`)."""
