@@ -9,8 +9,9 @@ hidden states cross a GPU boundary only between runs. accelerate's hooks
 follows each layer's device.
 
 Policies (the names accelerate uses): ``auto``, ``balanced`` and ``sequential`` split the
-blocks evenly; ``balanced_low_0`` gives GPU 0 half a share (it also holds the sampler's
-logits and the batch state).
+blocks evenly; ``balanced_low_0`` gives GPU 0 half a share (it also holds the batch's inputs
+and the prefix-cache blocks; the logits and the sampler's state sit with the output layer, on
+the last GPU).
 """
 
 from __future__ import annotations
