@@ -68,3 +68,54 @@ def test_engine_attention_is_bit_identical_to_sdpa(
         assert torch.equal(a, b)
     use_gqa_sdpa(model)
     assert model.config._attn_implementation == NAME
+
+
+@pytest.mark.parametrize("which", ["llama", "chatglm2"])
+def test_decode_steps_skip_the_lanes_padding_in_runs(
+    which: str, tiny_model_dir: Path, tiny_chatglm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of very different lengths in one lane: a decode step reads each run of rows
+    from its own first column (several SDPA calls), and its logits are transformers' own
+    up to rounding (the same keys, fewer of them masked), with the same greedy tokens."""
+    from model_server.models import attention
+
+    folder = tiny_model_dir if which == "llama" else tiny_chatglm2_dir
+    loaded = load_model(str(folder), torch.device("cpu"), "float32", None)
+    runner = ModelRunner(loaded)
+    runs_seen: list[int] = []
+    split = attention._decode_by_runs
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        runs_seen.append(len(args[4]))
+        return split(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_decode_by_runs", counted)
+    lengths = [300, 290, 12, 8]
+    width = max(lengths)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, runner.vocab, (len(lengths), width + 4), generator=gen)
+
+    def steps() -> list[torch.Tensor]:
+        cache = kv.new_cache()
+        mask = torch.zeros(len(lengths), width, dtype=torch.long)
+        positions = torch.zeros(len(lengths), width, dtype=torch.long)
+        for r, n in enumerate(lengths):
+            mask[r, width - n :] = 1
+            positions[r, width - n :] = torch.arange(n)
+        outs = [runner.forward(ids[:, :width], mask, positions, cache)]
+        for step in range(3):
+            mask = torch.cat([mask, torch.ones(len(lengths), 1, dtype=torch.long)], dim=1)
+            positions = torch.tensor([[n + step] for n in lengths])
+            outs.append(
+                runner.forward(ids[:, width + step : width + step + 1], mask, positions, cache)
+            )
+        return outs
+
+    with torch.inference_mode():
+        ours = steps()
+        assert runs_seen and all(n > 1 for n in runs_seen)  # every decode step was split
+        loaded.model.set_attn_implementation("sdpa")
+        stock = steps()
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.argmax(dim=-1), b.argmax(dim=-1))

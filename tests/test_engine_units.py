@@ -311,3 +311,77 @@ def test_logprobs_are_the_raw_log_softmax_on_every_path(who: str, penalized: boo
         want = raw[i].topk(3)
         assert [t for t, _ in lp.top] == want.indices.tolist()
         assert all(abs(v - w) < 1e-5 for (_, v), w in zip(lp.top, want.values.tolist()))
+
+
+def test_join_sorts_a_lanes_rows_longest_first_in_the_same_write():
+    """A join rewrites the lane: its rows come out ordered by the first column they use
+    (longest first), each row's KV, mask and penalties moved with it."""
+    from types import SimpleNamespace
+
+    from model_server.engine import kv
+    from model_server.engine.store import KVStore, Lane
+
+    store = KVStore(
+        1000, 16, 64, weight_bytes=10**9, vocab=8, device=torch.device("cpu"), prefix=None
+    )
+    torch.manual_seed(0)
+    lengths = [10, 30, 20]  # the lane's rows, left-padded to 30
+    mask = torch.zeros(3, 30, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, 30 - n :] = 1
+    cache = kv.new_cache()
+    keys = torch.randn(3, 2, 30, 4)
+    cache.update(keys, -keys, 0)
+    rows = [SimpleNamespace(name=f"old{n}", params=SamplingParams(max_tokens=1)) for n in lengths]
+    store.lanes.append(Lane(rows=list(rows), cache=cache, mask=mask))
+    new_mask = torch.ones(2, 25, dtype=torch.long)
+    new_mask[1, :10] = 0  # 25 and 15 tokens
+    new_cache = kv.new_cache()
+    new_keys = torch.randn(2, 2, 25, 4)
+    new_cache.update(new_keys, -new_keys, 0)
+    new_rows = [
+        SimpleNamespace(name=n, params=SamplingParams(max_tokens=1)) for n in ["n25", "n15"]
+    ]
+    lane = store.join(new_rows, new_cache, new_mask)
+    assert [r.name for r in lane.rows] == ["old30", "n25", "old20", "n15", "old10"]
+    assert lane.mask.sum(dim=1).tolist() == [30, 25, 20, 15, 10]
+    source = {"old30": keys[1], "old20": keys[2], "old10": keys[0], "n25": new_keys[0]}
+    source["n15"] = new_keys[1]
+    for i, row in enumerate(lane.rows):
+        n = int(lane.mask[i].sum())
+        want = source[row.name][:, -n:]
+        assert torch.equal(lane.cache.layers[0].keys[i, :, -n:], want), row.name
+        assert torch.equal(lane.cache.layers[0].values[i, :, -n:], -want), row.name
+        if row.name.startswith("n"):  # the padding the join added is zeros (finite)
+            assert lane.cache.layers[0].keys[i, :, :5].abs().sum() == 0
+
+
+def test_decode_runs_read_the_fewest_positions():
+    """The split of a decode step's rows into runs is the cheapest one (checked against every
+    split of small batches) and covers every row once, each run from its first column."""
+    import itertools
+    import random
+
+    from model_server.models.attention import RUN_CALL_POSITIONS, decode_runs
+
+    def cost(runs: list[tuple[int, int, int]], width: int) -> int:
+        return sum((b - a) * (width - first) + RUN_CALL_POSITIONS for a, b, first in runs)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, width = rng.randint(1, 7), rng.randint(1, 900)
+        starts = [rng.randrange(width) for _ in range(n)]
+        if rng.random() < 0.5:
+            starts.sort()
+        runs = decode_runs(starts, width)
+        assert [a for a, _, _ in runs] == [0] + [b for _, b, _ in runs[:-1]]
+        assert runs[-1][1] == n
+        assert all(first == min(starts[a:b]) for a, b, first in runs)
+        best = min(
+            cost([(a, b, min(starts[a:b])) for a, b in zip((0, *cuts), (*cuts, n))], width)
+            for k in range(n)
+            for cuts in itertools.combinations(range(1, n), k)
+        )
+        assert cost(runs, width) == best, (starts, width)
+    assert decode_runs([0, 0, 1, 2], 500) == [(0, 4, 0)]  # alike rows: one batched call
+    assert len(decode_runs([0, 0, 400, 400], 500)) == 2

@@ -139,20 +139,26 @@ def concat(
     caches: Sequence[GrowableCache | None],
     masks: Sequence[torch.Tensor],
     spare: int = GROW_TOKENS,
+    order: Sequence[int] | None = None,
 ) -> tuple[GrowableCache, torch.Tensor]:
     """Stacks several batches into one, left-padding each to the longest.
 
     Each layer is written once, straight into a buffer with ``spare`` free positions (no
     second copy when the next forward appends). A part may be ``None`` when its mask has no
-    columns (a prompt with nothing cached yet).
+    columns (a prompt with nothing cached yet). ``order`` puts the stacked rows in that order
+    (``order[i]``: the stacked row that becomes row ``i``) in the same single write, one copy
+    per run of rows that stay together.
     """
     length = max(m.shape[1] for m in masks)
     rows = [m.shape[0] for m in masks]
     pads = [length - m.shape[1] for m in masks]
     mask = torch.cat([F.pad(m, (p, 0)) for m, p in zip(masks, pads)])
     present = [c for c, m in zip(caches, masks) if c is not None and m.shape[1]]
+    if order is not None:
+        mask = mask[torch.tensor(order)]
     if not present:
         return new_cache(), mask
+    moves = _moves(rows, order)
     layers = []
     for li, template in enumerate(present[0].layers):
         layer = GrowableLayer()
@@ -162,17 +168,33 @@ def concat(
             like = getattr(template, attr)
             h, d = like.shape[1], like.shape[3]
             buf = like.new_empty(sum(rows), h, length + spare, d)
-            r = 0
-            for cache, m, n, pad in zip(caches, masks, rows, pads):
+            for dst, part, src, n in moves:
+                cache, pad = caches[part], pads[part]
                 if pad:  # padding must be finite: a masked weight of 0 times NaN is still NaN
-                    buf[r : r + n, :, :pad].zero_()
-                if cache is not None and m.shape[1]:
-                    buf[r : r + n, :, pad:length] = getattr(cache.layers[li], attr)
-                r += n
+                    buf[dst : dst + n, :, :pad].zero_()
+                if cache is not None and masks[part].shape[1]:
+                    part_rows = getattr(cache.layers[li], attr)
+                    buf[dst : dst + n, :, pad:length] = part_rows[src : src + n]
             bufs.append(buf)
         layer.set_buffers(bufs[0], bufs[1], length)
         layers.append(layer)
     return GrowableCache(layers), mask
+
+
+def _moves(rows: Sequence[int], order: Sequence[int] | None) -> list[tuple[int, int, int, int]]:
+    """``(first output row, part, first row in the part, rows)`` copies that build the
+    stacked rows in ``order`` (the parts one after another when None)."""
+    owner = [(p, r) for p, n in enumerate(rows) for r in range(n)]
+    moves: list[tuple[int, int, int, int]] = []
+    for dst, stacked in enumerate(range(len(owner)) if order is None else order):
+        part, src = owner[stacked]
+        if moves:
+            d0, p0, s0, n0 = moves[-1]
+            if p0 == part and s0 + n0 == src:
+                moves[-1] = (d0, p0, s0, n0 + 1)
+                continue
+        moves.append((dst, part, src, 1))
+    return moves
 
 
 # Leading all-padding columns are only trimmed (a full copy) once there are this many.

@@ -177,14 +177,25 @@ class KVStore:
     # ---- lanes -----------------------------------------------------------------------------
 
     def join(self, rows: list[Sequence], cache: kv.GrowableCache, mask: torch.Tensor) -> Lane:
-        """Freshly prefilled rows join the lane ``choose_lane`` picks (or a new one)."""
+        """Freshly prefilled rows join the lane ``choose_lane`` picks (or a new one).
+
+        Joining an existing lane rewrites it anyway, so its rows come out sorted longest
+        first (by the first column they use): rows of similar length then sit together and a
+        decode step's attention reads little padding (``models/attention.py``). Leaves keep
+        the order; a new lane keeps its prefill group's order until its first join."""
         lane, _ = self.choose_lane(len(rows), mask.shape[1])
         if lane is None:
             lane = Lane(cache=cache, mask=mask)
             self.lanes.append(lane)
+            lane.rows.extend(rows)
         else:
-            lane.cache, lane.mask = kv.concat([lane.cache, cache], [lane.mask, mask])
-        lane.rows.extend(rows)
+            width = max(lane.width, mask.shape[1])
+            starts = [width - lane.width + s for s in _first_columns(lane.mask)]
+            starts += [width - mask.shape[1] + s for s in _first_columns(mask)]
+            order = sorted(range(len(starts)), key=starts.__getitem__)
+            lane.cache, lane.mask = kv.concat([lane.cache, cache], [lane.mask, mask], order=order)
+            stacked = [*lane.rows, *rows]
+            lane.rows = [stacked[i] for i in order]
         self.rebuild_penalties(lane)
         return lane
 
@@ -252,3 +263,10 @@ class KVStore:
         ):
             self.prefix.insert(h, block)
         seq.cached_blocks = end
+
+
+def _first_columns(mask: torch.Tensor) -> list[int]:
+    """Each row's first column that holds a token (rows are left-padded)."""
+    if mask.shape[1] == 0:
+        return [0] * mask.shape[0]
+    return mask.int().argmax(dim=1).tolist()

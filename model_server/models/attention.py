@@ -11,6 +11,16 @@ models without grouped heads) this is transformers' own ``sdpa`` path, unchanged
 
 The mask is also made additive (0 / -inf floats) once per forward on the CPU: SDPA converts a
 boolean mask exactly so, but in every layer.
+
+**Decode steps skip the lane's left padding** on the CPU. A lane's rows are left-padded to its
+widest row, and reading that padding was half of a c=16 decode step's attention (the KV comes
+from memory; a masked column costs as much as a real one). Once per forward, the mask's rows
+are split into runs of consecutive rows (the store keeps a lane's rows sorted longest first, so
+rows of similar length sit together), each starting at the first column any of its rows uses,
+choosing the runs that read the fewest positions, counting one more SDPA call as
+``RUN_CALL_POSITIONS`` positions. Each layer then runs one SDPA call per run over its columns
+only. A row sees the same keys with fewer masked ones, so the result is its own attention in
+the last bits, as a row's attention already differs between a solo and a padded batch.
 """
 
 from __future__ import annotations
@@ -24,6 +34,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "glmserve_sdpa"
+# The attribute of a decode step's additive mask that holds its runs of rows (see above).
+RUNS = "glmserve_decode_runs"
+# What one more SDPA call per layer costs, in KV positions read (~15 us against ~90 ns a row
+# position for SmolLM2 on the 2-core CPU; the order of magnitude is what matters).
+RUN_CALL_POSITIONS = 192
 
 
 def sdpa_gqa_attention(
@@ -37,8 +52,12 @@ def sdpa_gqa_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """``sdpa_attention_forward`` with the masked multi-token CPU case done by the kernel's
-    own grouped-query support instead of ``repeat_kv``."""
+    own grouped-query support instead of ``repeat_kv``, and a CPU decode step whose mask
+    carries runs of rows done one run at a time."""
     groups = getattr(module, "num_key_value_groups", 1)
+    runs = getattr(attention_mask, RUNS, None)
+    if runs is not None and query.shape[2] == 1 and kwargs.get("position_bias") is None:
+        return _decode_by_runs(query, key, value, attention_mask, runs, groups, scaling), None
     if (
         query.device.type != "cpu"
         or attention_mask is None  # transformers already uses enable_gqa (or is_causal)
@@ -68,7 +87,64 @@ def sdpa_float_mask(*args: Any, dtype: torch.dtype = torch.float32, **kwargs: An
     mask = sdpa_mask(*args, dtype=dtype, **kwargs)
     if mask is None or mask.dtype != torch.bool or mask.device.type != "cpu":
         return mask
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    additive = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    if mask.shape[0] > 1 and mask.shape[2] == 1:  # a decode step of several rows
+        starts = mask[:, 0, 0, :].int().argmax(dim=-1).tolist()  # each row's first column
+        runs = decode_runs(starts, mask.shape[-1])
+        if runs != [(0, len(starts), 0)]:  # else the one batched call, as transformers makes
+            setattr(additive, RUNS, runs)
+    return additive
+
+
+def decode_runs(starts: list[int], width: int) -> list[tuple[int, int, int]]:
+    """``(first row, end row, first column)`` runs of consecutive rows covering all rows,
+    reading the fewest ``rows x columns`` positions plus ``RUN_CALL_POSITIONS`` per run
+    (an exact split by dynamic programming: a lane has at most a few dozen rows)."""
+    n = len(starts)
+    best = [0] * (n + 1)
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        first = starts[end - 1]
+        best[end] = -1
+        for begin in range(end - 1, -1, -1):
+            first = min(first, starts[begin])
+            cost = best[begin] + (end - begin) * (width - first) + RUN_CALL_POSITIONS
+            if best[end] < 0 or cost < best[end]:
+                best[end], cut[end] = cost, begin
+    runs = []
+    end = n
+    while end:
+        begin = cut[end]
+        runs.append((begin, end, min(starts[begin:end])))
+        end = begin
+    return runs[::-1]
+
+
+def _decode_by_runs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    runs: list[tuple[int, int, int]],
+    groups: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One decode step's attention, one SDPA call per run of rows over its own columns
+    (query heads packed per KV head, as transformers does for one query token)."""
+    rows, heads, _, dim = query.shape
+    packed = query.reshape(rows, heads // groups, groups, dim)
+    parts = [
+        F.scaled_dot_product_attention(
+            packed[a:b],
+            key[a:b, :, first:],
+            value[a:b, :, first:],
+            attn_mask=mask[a:b, :, :, first:],
+            scale=scaling,
+        )
+        for a, b, first in runs
+    ]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.reshape(rows, 1, heads, dim)
 
 
 def use_gqa_sdpa(model: torch.nn.Module) -> None:
