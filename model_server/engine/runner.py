@@ -1,4 +1,5 @@
-"""The model runner: one forward over a left-padded batch, then per-row sampling.
+"""The model runner: one forward over a left-padded batch, then batched sampling with per-row
+parameters.
 
 It knows the model (a transformers-style causal LM) and nothing of queues or memory policy.
 Any causal LM whose forward takes ``input_ids, attention_mask, position_ids`` and a cache works
