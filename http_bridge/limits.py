@@ -1,4 +1,7 @@
-"""Per-key limits on ``POST /v1/chat/completions``: request rate, token rate, concurrent requests.
+"""Per-key limits on the routes that generate (``POST /v1/chat/completions`` and
+``/v1/completions``, streaming or not): request rate, token rate, concurrent requests.
+
+One key's budget is shared by both routes.
 
 A key is the caller's API key (held as a SHA-256 digest, never the key itself) when ``--api-key``
 is set, else the client IP as uvicorn reports it (``X-Forwarded-For`` counts only from the
@@ -10,10 +13,11 @@ Strategies, and why:
 - requests: ``limits``' moving window, so no key gets twice its rate across a window boundary;
   only admitted requests count (a 429 does not), whatever their outcome.
 - tokens: a fixed window, because tokens are only known once generated: each finished choice
-  charges its completion tokens (and the request's prompt tokens, once) when its final message
-  arrives, even past the limit; a fixed window records such an overshoot, a moving window would
-  refuse to. A request is admitted while the key has any tokens left in the window, so the last
-  one may overshoot by its own size. A choice cut off (disconnect, error) charges nothing.
+  charges its completion tokens (and its prompt's tokens, once per distinct prompt: chat has one,
+  a completions request one per prompt in its list) when its final message arrives, even past
+  the limit; a fixed window records such an overshoot, a moving window would refuse to. A
+  request is admitted while the key has any tokens left in the window, so the last one may
+  overshoot by its own size. A choice cut off (disconnect, error) charges nothing.
 - concurrency: a plain counter per key, held from admission until the response's last byte (a
   stream: until it ends or the client leaves).
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
@@ -36,9 +40,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from http_bridge.errors import APIError
 
-# The limited routes. /v1/completions generates too but is not among them (its lease_of call
-# finds no lease); /health, /metrics and /v1/models are never limited.
-LIMITED_PATHS = frozenset({"/v1/chat/completions"})
+# The routes that generate, streaming or not: one key's budget covers them all. /health,
+# /metrics and /v1/models are never limited. A list, not a mark on the routes: the middleware
+# runs before routing, and FastAPI (>= 0.165) keeps an included router's routes out of app.routes.
+LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 LEASE_KEY = "glmserve.limits.lease"
 
 
@@ -176,13 +181,14 @@ class Lease:
 
     limiter: Limiter
     key: str
-    prompt_charged: bool = False
+    prompts_charged: set[int] = field(default_factory=set)
     released: bool = False
 
-    def charge(self, prompt_tokens: int, completion_tokens: int) -> None:
-        """A finished choice's usage; the prompt, shared by the n choices, counts once."""
-        tokens = completion_tokens + (0 if self.prompt_charged else prompt_tokens)
-        self.prompt_charged = True
+    def charge(self, prompt_tokens: int, completion_tokens: int, prompt: int = 0) -> None:
+        """A finished choice's usage; ``prompt`` (which of the request's prompts it continues)
+        counts once, however many of the n choices share it, as the reply's usage counts it."""
+        tokens = completion_tokens + (0 if prompt in self.prompts_charged else prompt_tokens)
+        self.prompts_charged.add(prompt)
         self.limiter.charge(self.key, tokens)
 
     def release(self) -> None:

@@ -303,6 +303,7 @@ class ChoiceCalls:
     idle_timeout: float | None = None  # --backend-idle-timeout, per read
     used_max_completion_tokens: bool = False
     lease: Lease | None = None  # per-key limits: each finished choice charges its tokens
+    choices_per_prompt: int = 0  # call i continues prompt i // this (completions); 0: one prompt
     started: bool = False  # some backend answered: a retry could generate twice
     first_text_at: float | None = None
     request_id: str = ""  # names the failure in the client's message and in the log
@@ -337,7 +338,8 @@ class ChoiceCalls:
                 self.first_text_at - self.arrived
             )
         if self.lease is not None and msg.finish_reason in _FINISH:
-            self.lease.charge(msg.usage.prompt_tokens, msg.usage.completion_tokens)
+            prompt = i // self.choices_per_prompt if self.choices_per_prompt else 0
+            self.lease.charge(msg.usage.prompt_tokens, msg.usage.completion_tokens, prompt)
         return msg
 
     def error(self, err: BaseException) -> APIError:

@@ -2,8 +2,9 @@
 
 Each prompt × ``n`` is one Chat RPC on the raw-prompt path (ChatRequest.prompt or
 prompt_token_ids: no chat template). Choice ``i`` continues prompt ``i // n``, as OpenAI numbers
-them. Errors, streaming, backpressure, deadlines and the extra-field policy are chat's
-(``routes/chat.py``), reused here; only the shapes differ.
+them. Errors, streaming, backpressure, deadlines, the extra-field policy and the per-key limits
+(one budget with chat's, ``limits.py``) are chat's (``routes/chat.py``), reused here; only the
+shapes differ.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         stream=bool(body.stream),
         idle_timeout=request.app.state.settings.backend_idle_timeout,
         lease=lease_of(request.scope),
+        choices_per_prompt=body.choices,
         request_id=request_id,
         target=backend.target,
     )
