@@ -131,7 +131,8 @@ class Settings:
         flag="--rate-limit",
         env="GLMSERVE_RATE_LIMIT",
         metavar="RATE",
-        help="requests per key (API key, else client IP) to `/v1/chat/completions`, in the "
+        help="requests per key (API key, else client IP) to `/v1/chat/completions` and "
+        "`/v1/completions` (one budget), in the "
         "`limits` syntax: `5/minute`, `10/second;100/minute`; moving window; over it: 429",
     )
     token_rate_limit: str | None = setting(
@@ -139,7 +140,8 @@ class Settings:
         flag="--token-rate-limit",
         env="GLMSERVE_TOKEN_RATE_LIMIT",
         metavar="RATE",
-        help="tokens (prompt once + completion) per key, same syntax, fixed window; charged as "
+        help="tokens (each distinct prompt once + completion) per key, same syntax, fixed "
+        "window; charged as "
         "each choice finishes, so the last request may overshoot; over it: 429",
     )
     max_concurrent_per_key: int | None = setting(
@@ -147,7 +149,8 @@ class Settings:
         flag="--max-concurrent-per-key",
         env="GLMSERVE_MAX_CONCURRENT_PER_KEY",
         metavar="N",
-        help="open `/v1/chat/completions` requests (streams included) per key; the next: 429",
+        help="open `/v1/chat/completions` and `/v1/completions` requests (streams included) "
+        "per key; the next: 429",
     )
     # Serve the chat page at / and /static when the static directory exists.
     ui: bool = setting(
