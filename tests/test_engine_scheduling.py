@@ -33,7 +33,9 @@ def idle(server: Proc) -> bool:
 
 @pytest.fixture(scope="module")
 def small_pool(tiny_model_dir: Path) -> Iterator[Proc]:
-    args = ("--kv-cache-tokens", str(POOL), "--no-prefix-caching")
+    # Backpressure off: a stream read more slowly than the tiny model writes would be paused
+    # (its KV freed), and the pool would never run out (tests/test_backpressure.py has it).
+    args = ("--kv-cache-tokens", str(POOL), "--no-prefix-caching", "--max-stream-backlog", "0")
     with start_model_server(str(tiny_model_dir), *args) as server:
         yield server
 
@@ -57,18 +59,26 @@ def test_pool_runs_out_the_youngest_is_preempted_and_resumes_without_a_seam(smal
     """Nothing is reserved for max_tokens: both start at once. When the pool cannot hold
     both rows, the younger one is preempted, waits, is recomputed from its prompt plus what
     it already streamed, and its client gets exactly its solo tokens: no repeat, no gap."""
+    import threading
+
     stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(small_pool.target))
     alone = solo(stub, "second", 150)
-    before = small_pool.metrics()["glmserve_num_preemptions_total"]
+    first_alone = solo(stub, "first", 200)
+    before = small_pool.metrics()
     first = stub.Chat(chat_request("first", max_tokens=200, ignore_eos=True, temperature=0))
-    next(first)
+    head = next(first)
+    rest: list[chat_pb2.ChatResponse] = []
+    reader = threading.Thread(target=lambda: rest.extend(first))
+    reader.start()
     second = stub.Chat(chat_request("second", max_tokens=150, ignore_eos=True, temperature=0))
     got = [t for m in second for t in m.token_ids]
-    rest = list(first)
+    reader.join(timeout=60)
     assert rest[-1].finish_reason == chat_pb2.FINISH_REASON_LENGTH
     assert rest[-1].usage.completion_tokens == 200
+    assert [t for m in (head, *rest) for t in m.token_ids] == first_alone
     assert got == alone
-    assert small_pool.metrics()["glmserve_num_preemptions_total"] > before
+    after = small_pool.metrics()
+    assert after["glmserve_num_preemptions_total"] > before["glmserve_num_preemptions_total"]
     wait_until(lambda: idle(small_pool), what="idle")
 
 
