@@ -224,7 +224,7 @@ class LimitsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
-            or scope.get("method") == "OPTIONS"
+            or scope.get("method") != "POST"  # a preflight or a 405 generates nothing
             or scope.get("path") not in LIMITED_PATHS
         ):
             await self.app(scope, receive, send)

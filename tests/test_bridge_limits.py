@@ -233,6 +233,12 @@ def test_completions_share_the_request_rate(server: Proc) -> None:
             only.completions.create(**completion(model, stream=True))
         assert_429(caught.value.response, "1")
 
+        # A request that cannot generate (a GET: 405) spends nothing.
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            wrong = httpx.get(b.url + path, headers={"x-forwarded-for": "10.0.0.4"})
+            assert wrong.status_code == 405
+        client("10.0.0.4").completions.create(**completion(model))
+
         # One budget for both routes, in either order, streams included.
         chat_first = client("10.0.0.2")
         chat_first.chat.completions.create(**body(model))
