@@ -383,5 +383,12 @@ def test_decode_runs_read_the_fewest_positions():
             for cuts in itertools.combinations(range(1, n), k)
         )
         assert cost(runs, width) == best, (starts, width)
+    # Beyond RUN_CANDIDATES rows the split uses evenly spaced boundaries: still a cover, and
+    # a sorted lane of two lengths still splits where the length changes.
+    wide = [0] * 100 + [450] * 116
+    runs = decode_runs(wide, 500)
+    assert [a for a, _, _ in runs] == [0] + [b for _, b, _ in runs[:-1]] and runs[-1][1] == 216
+    assert all(first == min(wide[a:b]) for a, b, first in runs)
+    assert cost(runs, 500) < 1.05 * cost([(0, 100, 0), (100, 216, 450)], 500)
     assert decode_runs([0, 0, 1, 2], 500) == [(0, 4, 0)]  # alike rows: one batched call
     assert len(decode_runs([0, 0, 400, 400], 500)) == 2
