@@ -1,9 +1,10 @@
 """Plain-transformers baselines, run in their own process: ``python -m bench.baselines``.
 
-Loads the model exactly as the server does (``model_server.models.registry.load_model``: for the
-embedded default the same converted checkpoint, dtype and device), renders the same prompts
-with the same chat format, and measures, greedy and fixed-length (``min_new_tokens =
-max_new_tokens``; for continuous batching EOS is disabled):
+Loads the model as the server does (``model_server.models.registry.load_model``: for the
+embedded default the same converted checkpoint, dtype and device) but with torch's own linears
+(``cpu_linear="torch"``, what plain transformers runs; the server packs them for oneDNN),
+renders the same prompts with the same chat format, and measures, greedy and fixed-length
+(``min_new_tokens = max_new_tokens``; for continuous batching EOS is disabled):
 
 - ``prefill_longest``: one forward over the longest prompt (median of 3);
 - ``hf_sequential``: ``model.generate`` one request at a time (the original ChatGLM2 demo's way);
@@ -173,13 +174,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, resolve_device("cpu"), "auto", None)
+    loaded = load_model(args.model, resolve_device("cpu"), "auto", None, cpu_linear="torch")
     torch.set_grad_enabled(False)
     render = loaded.chat_format.render
     result: dict[str, Any] = {
         "load_s": time.perf_counter() - t0,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_linear": "torch",
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "source": loaded.source,

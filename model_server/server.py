@@ -169,6 +169,7 @@ class ModelServer:
                     s.max_model_len,
                     s.quantize,
                     device_map=s.device_map,
+                    cpu_linear=s.cpu_linear,
                 )
                 loop.call_soon_threadsafe(done.set_result, loaded)
             except BaseException as exc:  # noqa: BLE001 - reported on the loop

@@ -24,11 +24,11 @@ class ModelRunner:
         self._model = loaded.model
         use_gqa_sdpa(loaded.model)  # no KV copy per layer when a prompt meets cached KV
         self.device = loaded.device
-        head = loaded.model.get_output_embeddings().weight
-        self.vocab = int(head.shape[0])
+        head = loaded.model.get_output_embeddings()  # nn.Linear, or PackedLinear on the CPU
+        self.vocab = int(head.out_features)
         # Where logits land, and so the per-row sampling state: with --device-map the output
         # layer may sit on another GPU than the inputs (self.device).
-        self.logits_device = head.device
+        self.logits_device = next(t.device for t in (*head.parameters(), *head.buffers()))
         params = inspect.signature(self._model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 

@@ -4,13 +4,17 @@ transformers causal LM with a chat template. Nothing here runs code from a check
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from .base import LoadedModel, ModelLoadError
+from .cpu_linear import onednn_available, pack_linears
 from .gguf import DEFAULT_MODEL, load_default
 from .hf import load_hf, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,10 +34,31 @@ def load_model(
     max_model_len: int | None,
     quantize: str | None = None,
     device_map: str | None = None,
+    cpu_linear: str = "auto",
 ) -> LoadedModel:
     """``quantize`` (``int4``/``int8``): quantize a ChatGLM checkpoint's linears at load.
     ``device_map`` (``--device-map``: ``auto``, ``balanced``, ...): accelerate spreads the
-    layers over the visible GPUs instead of putting the model on ``device``."""
+    layers over the visible GPUs instead of putting the model on ``device``.
+    ``cpu_linear`` (``--cpu-linear``): ``auto``/``onednn`` pack an fp32 CPU model's linears
+    for oneDNN (:mod:`.cpu_linear`), ``torch`` leaves them as they are."""
+    loaded = _load(model, device, dtype_name, max_model_len, quantize, device_map)
+    if cpu_linear != "torch" and loaded.device.type == "cpu" and loaded.dtype == torch.float32:
+        if onednn_available():
+            count = pack_linears(loaded.model)
+            log.info("packed %d linears for oneDNN (--cpu-linear %s)", count, cpu_linear)
+        elif cpu_linear == "onednn":
+            raise ModelLoadError("--cpu-linear onednn: this torch build has no oneDNN")
+    return loaded
+
+
+def _load(
+    model: str,
+    device: torch.device,
+    dtype_name: str,
+    max_model_len: int | None,
+    quantize: str | None,
+    device_map: str | None,
+) -> LoadedModel:
     dtype = resolve_dtype(dtype_name, device)
     placement = {"device_map": device_map} if device_map else {}
     bits = {None: None, "int4": 4, "int8": 8}[quantize]

@@ -1,0 +1,102 @@
+"""``--cpu-linear``: fp32 CPU linears packed for oneDNN at load (model_server/models/cpu_linear.py).
+
+The rest of the suite serves through the packed path (the default); these tests pin what the
+packing itself promises: every plain fp32 linear is replaced, the model computes the same
+logits up to float rounding, the packed weights are counted as weight memory, and a row's
+result does not depend on the other rows of its batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from model_server.engine.runner import ModelRunner, weight_bytes
+from model_server.models.base import ModelLoadError
+from model_server.models.cpu_linear import PackedLinear, onednn_available, pack_linears
+from model_server.models.registry import load_model
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+
+
+def _count(model: nn.Module, kind: type) -> int:
+    return sum(type(m) is kind for m in model.modules())
+
+
+@pytest.mark.parametrize("which", ["llama", "chatglm2"])
+def test_packed_model_computes_the_plain_models_logits(
+    which: str, tiny_model_dir: Path, tiny_chatglm2_dir: Path
+) -> None:
+    folder = str(tiny_model_dir if which == "llama" else tiny_chatglm2_dir)
+    plain = load_model(folder, CPU, "float32", None, cpu_linear="torch")
+    packed = load_model(folder, CPU, "float32", None)  # auto
+    linears = _count(plain.model, nn.Linear)
+    assert linears > 0 and _count(plain.model, PackedLinear) == 0
+    assert _count(packed.model, PackedLinear) == linears
+    assert _count(packed.model, nn.Linear) == 0
+    runner = ModelRunner(packed)
+    assert runner.vocab == plain.model.get_output_embeddings().out_features
+    ids = torch.randint(0, runner.vocab, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = plain.model(input_ids=ids).logits
+        b = packed.model(input_ids=ids).logits
+    scale = a.abs().max().item()
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * max(scale, 1.0))
+
+
+def test_packed_weights_count_as_weight_memory(tiny_model_dir: Path) -> None:
+    """Each packed weight replaces its fp32 original; a head tied to the embeddings is the one
+    extra copy (vocab x hidden x 4 bytes)."""
+    plain = load_model(str(tiny_model_dir), CPU, "float32", None, cpu_linear="torch")
+    packed = load_model(str(tiny_model_dir), CPU, "float32", None, cpu_linear="onednn")
+    head = plain.model.get_output_embeddings().weight
+    tied = head is plain.model.get_input_embeddings().weight
+    extra = head.numel() * head.element_size() if tied else 0
+    assert weight_bytes(packed.model) == weight_bytes(plain.model) + extra
+
+
+def test_a_rows_result_does_not_depend_on_its_batch() -> None:
+    """From two rows up, row r's output is bit-identical whatever the other rows are and
+    however many there are: batching a request with others, or computing a token in a prefill
+    chunk instead of a decode step, changes none of its linears' outputs."""
+    gen = torch.Generator().manual_seed(0)
+    for fan_in, fan_out in [(64, 192), (192, 64), (64, 1000)]:
+        layer = PackedLinear(nn.Linear(fan_in, fan_out))
+        x = torch.randn(300, fan_in, generator=gen)
+        with torch.inference_mode():
+            full = layer(x)
+            for rows in (2, 3, 16, 17, 64, 190, 299):
+                assert torch.equal(layer(x[:rows].contiguous()), full[:rows]), (fan_in, rows)
+            others = torch.randn(15, fan_in, generator=gen)
+            mixed = layer(torch.cat([x[5:6], others]))
+            assert torch.equal(mixed[0], full[5])
+
+
+def test_only_plain_fp32_linears_are_packed() -> None:
+    class Custom(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), Custom(8, 8), nn.Linear(8, 8).to(torch.bfloat16))
+    assert pack_linears(model) == 1
+    assert [type(m) for m in model] == [PackedLinear, Custom, nn.Linear]
+
+
+def test_bf16_is_never_packed(tiny_model_dir: Path) -> None:
+    bf16 = load_model(str(tiny_model_dir), CPU, "bfloat16", None, cpu_linear="onednn")
+    assert _count(bf16.model, PackedLinear) == 0  # torch runs bf16 through oneDNN itself
+
+
+def test_onednn_refused_without_onednn(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model_server.models import registry
+
+    monkeypatch.setattr(registry, "onednn_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="--cpu-linear onednn"):
+        load_model(str(tiny_model_dir), CPU, "float32", None, cpu_linear="onednn")
+    auto = load_model(str(tiny_model_dir), CPU, "float32", None)
+    assert _count(auto.model, PackedLinear) == 0
