@@ -100,3 +100,25 @@ def test_onednn_refused_without_onednn(
         load_model(str(tiny_model_dir), CPU, "float32", None, cpu_linear="onednn")
     auto = load_model(str(tiny_model_dir), CPU, "float32", None)
     assert _count(auto.model, PackedLinear) == 0
+
+
+def test_packing_lets_go_of_the_checkpoint_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """safetensors weights are views of one mmap of the file; packing reads all of it, so the
+    mapping (every page resident) must go once the packed copies exist."""
+    import gc
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = str(folder / "model.safetensors")
+
+    def mapped() -> bool:
+        return weights in Path("/proc/self/maps").read_text()
+
+    plain = load_model(str(folder), CPU, "float32", None, cpu_linear="torch")
+    assert mapped()  # what the packed load must not leave behind
+    del plain
+    gc.collect()
+    packed = load_model(str(folder), CPU, "float32", None)
+    assert _count(packed.model, PackedLinear) > 0
+    assert not mapped()
