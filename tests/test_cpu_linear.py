@@ -122,3 +122,46 @@ def test_packing_lets_go_of_the_checkpoint_file(tiny_model_dir: Path, tmp_path: 
     packed = load_model(str(folder), CPU, "float32", None)
     assert _count(packed.model, PackedLinear) > 0
     assert not mapped()
+
+
+_ROW_COUNTS = """
+import resource, sys, torch
+from torch import nn
+from model_server.models.cpu_linear import pack_linears
+model = nn.Sequential(nn.Linear(576, 1536), nn.Linear(1536, 576))
+pack_linears(model)
+x = torch.randn(300, 576)
+def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+with torch.inference_mode():
+    model(x[:8])
+    before = rss()
+    for rows in range(1, 300):
+        model(x[:rows])
+print(rss() - before)
+"""
+
+
+def _growth_mib(env: dict[str, str]) -> int:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in env and "CACHE_CAPACITY" not in k}
+    out = subprocess.run(
+        [sys.executable, "-c", _ROW_COUNTS],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return int(out.stdout.split()[-1])
+
+
+def test_kernel_caches_stay_bounded_over_every_row_count() -> None:
+    """A decode batch or prefill chunk of every size from 1 to 299 rows: oneDNN's kernel
+    caches (bounded at load) keep RSS growth small; at oneDNN's defaults it is hundreds of MiB."""
+    bounded = _growth_mib({})
+    default = _growth_mib({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    assert bounded < 100, bounded
+    assert default > 2 * bounded + 100, (default, bounded)
