@@ -125,13 +125,15 @@ def test_packing_lets_go_of_the_checkpoint_file(tiny_model_dir: Path, tmp_path: 
 
 
 _ROW_COUNTS = """
-import resource, sys, torch
+import torch
 from torch import nn
 from model_server.models.cpu_linear import pack_linears
 model = nn.Sequential(nn.Linear(576, 1536), nn.Linear(1536, 576))
 pack_linears(model)
 x = torch.randn(300, 576)
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+def rss():  # VmRSS: ru_maxrss would start at the parent's size (kept across fork + exec)
+    status = open("/proc/self/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) // 1024
 with torch.inference_mode():
     model(x[:8])
     before = rss()
@@ -159,9 +161,20 @@ def _growth_mib(env: dict[str, str]) -> int:
 
 
 def test_kernel_caches_stay_bounded_over_every_row_count() -> None:
-    """A decode batch or prefill chunk of every size from 1 to 299 rows: oneDNN's kernel
-    caches (bounded at load) keep RSS growth small; at oneDNN's defaults it is hundreds of MiB."""
+    """A decode batch or prefill chunk of every size from 1 to 299 rows: with oneDNN's kernel
+    caches bounded at load RSS grows ~110 MiB (the caches and the allocator's slack); at
+    oneDNN's defaults ~400 MiB, and it keeps growing with the model's layer shapes."""
     bounded = _growth_mib({})
     default = _growth_mib({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
-    assert bounded < 100, bounded
-    assert default > 2 * bounded + 100, (default, bounded)
+    assert bounded < 200, bounded  # measured 103-117 MiB
+    assert default > bounded + 150, (default, bounded)  # measured 406 MiB
+
+
+def test_auto_packs_on_x86_only(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_server.models import registry
+
+    monkeypatch.setattr(registry, "packs_by_default", lambda: False)  # as on arm64
+    auto = load_model(str(tiny_model_dir), CPU, "float32", None)
+    assert _count(auto.model, PackedLinear) == 0
+    forced = load_model(str(tiny_model_dir), CPU, "float32", None, cpu_linear="onednn")
+    assert _count(forced.model, PackedLinear) > 0

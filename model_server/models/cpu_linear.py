@@ -24,13 +24,20 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KERNEL_CACHE_ENTRIES", "PackedLinear", "onednn_available", "pack_linears"]
+__all__ = [
+    "KERNEL_CACHE_ENTRIES",
+    "PackedLinear",
+    "onednn_available",
+    "pack_linears",
+    "packs_by_default",
+]
 
 # oneDNN compiles a kernel per (layer shape, row count) and keeps it in two LRU caches, its
 # primitive cache and ideep's, of 1,024 entries each by default at ~0.5 MiB an entry. Serving
@@ -50,6 +57,13 @@ def onednn_available() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
+
+
+def packs_by_default() -> bool:
+    """``--cpu-linear auto`` packs on x86-64, where oneDNN runs its own AVX2/AVX-512 kernels
+    (measured on AMD EPYC). On arm64 torch's oneDNN goes through the Arm Compute Library,
+    which was never measured here, so ``auto`` leaves arm64 to torch."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 class PackedLinear(nn.Module):

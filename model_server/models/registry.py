@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .base import LoadedModel, ModelLoadError
-from .cpu_linear import onednn_available, pack_linears
+from .cpu_linear import onednn_available, pack_linears, packs_by_default
 from .gguf import DEFAULT_MODEL, load_default
 from .hf import load_hf, resolve_dtype
 
@@ -39,10 +39,11 @@ def load_model(
     """``quantize`` (``int4``/``int8``): quantize a ChatGLM checkpoint's linears at load.
     ``device_map`` (``--device-map``: ``auto``, ``balanced``, ...): accelerate spreads the
     layers over the visible GPUs instead of putting the model on ``device``.
-    ``cpu_linear`` (``--cpu-linear``): ``auto``/``onednn`` pack an fp32 CPU model's linears
-    for oneDNN (:mod:`.cpu_linear`), ``torch`` leaves them as they are."""
+    ``cpu_linear`` (``--cpu-linear``): ``onednn`` packs an fp32 CPU model's linears for oneDNN
+    (:mod:`.cpu_linear`), ``auto`` does on x86-64, ``torch`` leaves them as they are."""
     loaded = _load(model, device, dtype_name, max_model_len, quantize, device_map)
-    if cpu_linear != "torch" and loaded.device.type == "cpu" and loaded.dtype == torch.float32:
+    wanted = cpu_linear == "onednn" or (cpu_linear == "auto" and packs_by_default())
+    if wanted and loaded.device.type == "cpu" and loaded.dtype == torch.float32:
         if onednn_available():
             count = pack_linears(loaded.model)
             log.info("packed %d linears for oneDNN (--cpu-linear %s)", count, cpu_linear)
