@@ -174,14 +174,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, resolve_device("cpu"), "auto", None, cpu_linear="torch")
+    cpu_linear = "torch"  # plain transformers: no oneDNN packing
+    loaded = load_model(args.model, resolve_device("cpu"), "auto", None, cpu_linear=cpu_linear)
     torch.set_grad_enabled(False)
     render = loaded.chat_format.render
     result: dict[str, Any] = {
         "load_s": time.perf_counter() - t0,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_linear": "torch",
+        "cpu_linear": cpu_linear,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "source": loaded.source,

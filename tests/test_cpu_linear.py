@@ -33,7 +33,7 @@ def test_packed_model_computes_the_plain_models_logits(
 ) -> None:
     folder = str(tiny_model_dir if which == "llama" else tiny_chatglm2_dir)
     plain = load_model(folder, CPU, "float32", None, cpu_linear="torch")
-    packed = load_model(folder, CPU, "float32", None)  # auto
+    packed = load_model(folder, CPU, "float32", None, cpu_linear="onednn")
     linears = _count(plain.model, nn.Linear)
     assert linears > 0 and _count(plain.model, PackedLinear) == 0
     assert _count(packed.model, PackedLinear) == linears
