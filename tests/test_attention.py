@@ -1,6 +1,8 @@
 """The engine's SDPA attention (model_server/models/attention.py) gives exactly the bits of
 transformers' own ``sdpa`` in every shape the engine runs: a prompt meeting cached KV, a
-left-padded group, decode steps with padding; on a Llama-shaped and a ChatGLM2 tiny model."""
+left-padded group, decode steps with padding; on a Llama-shaped and a ChatGLM2 tiny model.
+With the linears on oneDNN, prompts over cached KV run as oneDNN matmuls: transformers' results
+up to rounding, the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import torch
 
 from model_server.engine import kv
 from model_server.engine.runner import ModelRunner
-from model_server.models.attention import NAME, use_gqa_sdpa
+from model_server.models import attention
+from model_server.models.attention import NAME, NAME_ONEDNN, use_gqa_sdpa
+from model_server.models.cpu_linear import onednn_available
 from model_server.models.registry import load_model
 
 
@@ -53,7 +57,7 @@ def test_engine_attention_is_bit_identical_to_sdpa(
     which: str, tiny_model_dir: Path, tiny_chatglm2_dir: Path
 ) -> None:
     folder = tiny_model_dir if which == "llama" else tiny_chatglm2_dir
-    loaded = load_model(str(folder), torch.device("cpu"), "float32", None)
+    loaded = load_model(str(folder), torch.device("cpu"), "float32", None, cpu_linear="torch")
     model = loaded.model
     assert model.config._attn_implementation == "sdpa"
     assert model.model.layers[0].self_attn.num_key_value_groups > 1  # the case it changes
@@ -77,10 +81,8 @@ def test_decode_steps_skip_the_lanes_padding_in_runs(
     """Rows of very different lengths in one lane: a decode step reads each run of rows
     from its own first column (several SDPA calls), and its logits are transformers' own
     up to rounding (the same keys, fewer of them masked), with the same greedy tokens."""
-    from model_server.models import attention
-
     folder = tiny_model_dir if which == "llama" else tiny_chatglm2_dir
-    loaded = load_model(str(folder), torch.device("cpu"), "float32", None)
+    loaded = load_model(str(folder), torch.device("cpu"), "float32", None, cpu_linear="torch")
     runner = ModelRunner(loaded)
     runs_seen: list[int] = []
     split = attention._decode_by_runs
@@ -119,3 +121,84 @@ def test_decode_steps_skip_the_lanes_padding_in_runs(
     for a, b in zip(ours, stock):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert torch.equal(a.argmax(dim=-1), b.argmax(dim=-1))
+
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("which", ["llama", "chatglm2"])
+def test_prompts_over_cached_kv_run_on_onednn(
+    which: str, tiny_model_dir: Path, tiny_chatglm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linears on oneDNN: the prompt over cached KV and the second chunk of the padded group
+    (whose padding columns no query reads) run as oneDNN matmuls, the group's first chunk
+    (padding queries that read nothing) keeps the flash kernel; every logit is transformers'
+    own up to rounding, with the same greedy tokens, and so is the final KV."""
+    folder = tiny_model_dir if which == "llama" else tiny_chatglm2_dir
+    loaded = load_model(str(folder), torch.device("cpu"), "float32", None, cpu_linear="onednn")
+    runner = ModelRunner(loaded)
+    assert loaded.model.config._attn_implementation == NAME_ONEDNN
+    seen: list[tuple[int, ...]] = []
+    dense = attention._prefill_onednn
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(tuple(args[0].shape))
+        return dense(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_prefill_onednn", counted)
+    with torch.inference_mode():
+        ours = _forwards(runner, runner.vocab)
+        layers = len(loaded.model.model.layers)
+        # per layer: the 24 tokens over 64 cached, the group's second chunk of 16
+        assert len(seen) == 2 * layers
+        assert {s[0] for s in seen} == {1, 2} and {s[2] for s in seen} == {24, 16}
+        loaded.model.set_attn_implementation("sdpa")
+        stock = _forwards(runner, runner.vocab)
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if a.dim() == 3:  # logits
+            assert torch.equal(a.argmax(dim=-1), b.argmax(dim=-1))
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+
+
+def test_prefill_columns_find_what_no_query_reads_and_where_the_mask_starts() -> None:
+    n, cached = 5, 12
+    causal = torch.ones(n, cached + n, dtype=torch.bool)
+    causal[:, cached:] = torch.ones(n, n, dtype=torch.bool).tril()
+    padded = causal.clone()
+    padded[:, :3] = False  # three columns of left padding
+    full = torch.ones(n, cached + n, dtype=torch.bool)  # nothing masked
+    mask = _additive(torch.stack([causal, padded, full]))[:, None]
+    assert attention.prefill_columns(mask) == [(0, cached + 1), (3, cached + 1), (0, cached + n)]
+    padded[0] = False  # a query that reads nothing: the flash kernel's case
+    assert attention.prefill_columns(_additive(padded)[None, None]) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("block_bytes", [attention.SCORE_BYTES, 4 * 3 * 40 * 7])
+def test_prefill_on_onednn_is_sdpa_up_to_rounding(
+    block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rows (one with left padding), grouped heads, in one block of query rows and in
+    blocks of 7: the result is SDPA's on the same mask."""
+    monkeypatch.setattr(attention, "SCORE_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(3)
+    rows, heads, kv_heads, n, cached, dim = 2, 6, 2, 19, 24, 16
+    q = torch.randn(rows, heads, n, dim, generator=gen)
+    k = torch.randn(rows, kv_heads, cached + n, dim, generator=gen)
+    v = torch.randn(rows, kv_heads, cached + n, dim, generator=gen)
+    allowed = torch.ones(rows, n, cached + n, dtype=torch.bool)
+    allowed[:, :, cached:] = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed[1, :, :5] = False
+    mask = _additive(allowed)[:, None]
+    columns = attention.prefill_columns(mask)
+    assert columns == [(0, cached + 1), (5, cached + 1)]
+    ours = attention._prefill_onednn(q, k, v, mask, columns, heads // kv_heads, 0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

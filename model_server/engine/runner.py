@@ -14,6 +14,7 @@ import torch
 
 from ..models.attention import use_gqa_sdpa
 from ..models.base import LoadedModel
+from ..models.cpu_linear import PackedLinear
 from . import kv
 from .sampling import PenaltyState, RowSampling, SampleResult, sample
 
@@ -22,7 +23,10 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self._model = loaded.model
-        use_gqa_sdpa(loaded.model)  # no KV copy per layer when a prompt meets cached KV
+        # No KV copy per layer when a prompt meets cached KV; with the linears on oneDNN
+        # (--cpu-linear), such prompts' attention runs on oneDNN too.
+        onednn = any(isinstance(m, PackedLinear) for m in loaded.model.modules())
+        use_gqa_sdpa(loaded.model, onednn=onednn)
         self.device = loaded.device
         head = loaded.model.get_output_embeddings()  # nn.Linear, or PackedLinear on the CPU
         self.vocab = int(head.out_features)

@@ -22,6 +22,21 @@ choosing the runs that read the fewest positions, counting one more SDPA call as
 costs ~0.1 ms a step at any batch size). Each layer then runs one SDPA call per run over its columns
 only. A row sees the same keys with fewer masked ones, so the result is its own attention in
 the last bits, as a row's attention already differs between a solo and a padded batch.
+
+**Prompts over cached KV run as two oneDNN matmuls** when the model's linears run on oneDNN
+(``--cpu-linear``, :func:`use_gqa_sdpa` with ``onednn=True``). A turn-16 prompt of ~180
+tokens over ~3,700 cached positions spent ~70% of its forward in torch's CPU flash kernel,
+whose blocks go through MKL's sgemm (~150 GFLOP/s on the AMD CI box: MKL's generic path).
+Per row and KV head, the query heads sharing that KV head are stacked into one matrix; scores
+``q·Kᵀ``, the mask added to the columns it does not leave at 0, an exact softmax, then ``P·V``,
+both products by ``torch.ops.mkldnn._linear_pointwise`` on the cache's own memory (no reorder,
+~440 GFLOP/s), in blocks of query rows whose scores stay under ``SCORE_BYTES``. Columns no
+query of a row reads (its left padding) are skipped. The mask function finds those columns
+once per forward; a mask with a query row that reads nothing (a padded group's padding) keeps
+the flash kernel, whose handling of such rows the engine was built on. Attention 1.7x faster at
+that shape (docs/engine.md, "Prompts over cached KV"); the result differs from the flash
+kernel's in the last bits (another summation order), as a row's attention already does
+between a solo and a padded batch.
 """
 
 from __future__ import annotations
@@ -35,6 +50,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "glmserve_sdpa"
+# The same attention with prompts over cached KV as oneDNN matmuls (its mask function marks them).
+NAME_ONEDNN = "glmserve_sdpa_onednn"
+# The attribute of a multi-token additive mask that holds, per row, the columns no query of the
+# row reads (skipped) and the first column from which the mask is not all 0 (see above).
+PREFILL_COLUMNS = "glmserve_prefill_columns"
+# The most bytes of attention scores one block of query rows holds (under hostmem's mmap
+# threshold, so the block's buffers are reused heap memory, not fresh pages).
+SCORE_BYTES = 16 * 2**20
 # The attribute of a decode step's additive mask that holds its runs of rows (see above).
 RUNS = "glmserve_decode_runs"
 # What one more SDPA call per layer costs, in KV positions read (~15 us against ~90 ns a row
@@ -58,6 +81,16 @@ def sdpa_gqa_attention(
     own grouped-query support instead of ``repeat_kv``, and a CPU decode step whose mask
     carries runs of rows done one run at a time."""
     groups = getattr(module, "num_key_value_groups", 1)
+    columns = getattr(attention_mask, PREFILL_COLUMNS, None)
+    if (
+        columns is not None
+        and query.shape[2] > 1
+        and query.dtype == torch.float32
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not dropout
+    ):
+        return _prefill_onednn(query, key, value, attention_mask, columns, groups, scaling), None
     runs = getattr(attention_mask, RUNS, None)
     if (
         runs is not None
@@ -102,6 +135,75 @@ def sdpa_float_mask(*args: Any, dtype: torch.dtype = torch.float32, **kwargs: An
         if runs != [(0, len(starts), 0)]:  # else the one batched call, as transformers makes
             setattr(additive, RUNS, runs)
     return additive
+
+
+def sdpa_float_mask_onednn(*args: Any, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any:
+    """:func:`sdpa_float_mask`, with a CPU mask over several query tokens marked for
+    :func:`_prefill_onednn` by its columns (see ``prefill_columns``)."""
+    mask = sdpa_float_mask(*args, dtype=dtype, **kwargs)
+    if mask is None or mask.device.type != "cpu" or mask.dtype != torch.float32:
+        return mask
+    if mask.shape[2] > 1:
+        columns = prefill_columns(mask)
+        if columns is not None:
+            setattr(mask, PREFILL_COLUMNS, columns)
+    return mask
+
+
+def prefill_columns(mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per row of an additive ``[rows, 1, queries, columns]`` mask: ``(first, zero_until)``,
+    where no query reads a column before ``first`` and the mask is 0 for every query from
+    ``first`` to ``zero_until``. None when some query reads no column at all."""
+    m = mask[:, 0]
+    read = m > float("-inf")
+    if not bool(read.any(dim=-1).all()):
+        return None
+    columns = []
+    width = m.shape[-1]
+    for r in range(m.shape[0]):
+        first = int(read[r].any(dim=0).int().argmax())
+        nonzero = (m[r, :, first:] != 0).any(dim=0)
+        zero_until = first + int(nonzero.int().argmax()) if bool(nonzero.any()) else width
+        columns.append((first, zero_until))
+    return columns
+
+
+def _prefill_onednn(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    columns: list[tuple[int, int]],
+    groups: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of several query tokens per row as oneDNN matmuls, per row and KV head (the
+    ``groups`` query heads sharing it stacked), in blocks of query rows; returns
+    ``[rows, queries, heads, dim]`` as transformers' attention functions do."""
+    rows, heads, n, dim = query.shape
+    scale = dim**-0.5 if scaling is None else scaling
+    q = (query * scale).contiguous()
+    out = query.new_empty(rows, n, heads, dim)
+    matmul = torch.ops.mkldnn._linear_pointwise
+    for r, (first, zero_until) in enumerate(columns):
+        width = key.shape[2] - first
+        block = max(1, SCORE_BYTES // (4 * groups * width))
+        for h in range(heads // groups):
+            keys = key[r, h, first:]
+            values_t = value[r, h, first:].t()  # a view: oneDNN reads it strided
+            heads_of_h = slice(h * groups, (h + 1) * groups)
+            for a in range(0, n, block):
+                b = min(n, a + block)
+                x = q[r, heads_of_h, a:b].reshape(groups * (b - a), dim)
+                scores = matmul(x, keys, None, "none", [], "")
+                if zero_until < key.shape[2]:
+                    scores.view(groups, b - a, width)[:, :, zero_until - first :] += mask[
+                        r, 0, a:b, zero_until:
+                    ]
+                probs = torch.softmax(scores, dim=-1)
+                o = matmul(probs, values_t, None, "none", [], "")
+                out[r, a:b, heads_of_h] = o.view(groups, b - a, dim).transpose(0, 1)
+    return out
 
 
 def decode_runs(starts: list[int], width: int) -> list[tuple[int, int, int]]:
@@ -160,12 +262,14 @@ def _decode_by_runs(
     return out.reshape(rows, 1, heads, dim)
 
 
-def use_gqa_sdpa(model: torch.nn.Module) -> None:
+def use_gqa_sdpa(model: torch.nn.Module, onednn: bool = False) -> None:
     """Switches a transformers model that runs ``sdpa`` attention to :func:`sdpa_gqa_attention`
-    and :func:`sdpa_float_mask`; any other implementation is left alone."""
+    and :func:`sdpa_float_mask`, with prompts over cached KV as oneDNN matmuls when ``onednn``
+    (the model's linears run on oneDNN); any other implementation is left alone."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return
-    AttentionInterface.register(NAME, sdpa_gqa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_float_mask)
-    model.set_attn_implementation(NAME)
+    name, mask_fn = (NAME_ONEDNN, sdpa_float_mask_onednn) if onednn else (NAME, sdpa_float_mask)
+    AttentionInterface.register(name, sdpa_gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_fn)
+    model.set_attn_implementation(name)
