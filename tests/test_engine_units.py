@@ -227,6 +227,7 @@ def test_growable_layer_matches_concatenation():
     both, both_mask = kv.concat([sel, other], [sel_mask, torch.ones(1, 3, dtype=torch.long)])
     assert both.layers[0].keys.shape == (2, 3, sel_mask.shape[1], 4)
     assert torch.equal(both.layers[0].keys[0], row1)
+    assert sel.layers[0].keys is None and other.layers[0].keys is None  # the parts are consumed
     assert both_mask[1, : sel_mask.shape[1] - 3].sum() == 0
     assert both.layers[0].keys[1, :, : sel_mask.shape[1] - 3].abs().sum() == 0  # finite padding
     keys, _ = both.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4), 0)

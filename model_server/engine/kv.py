@@ -63,6 +63,11 @@ class GrowableLayer(DynamicLayer):
         """Adopts buffers whose first ``length`` positions hold the cache."""
         self._k, self._v, self._len = keys, values, length
 
+    def release(self) -> None:
+        """Lets go of the buffers (their memory returns once nothing else views them)."""
+        self._k = self._v = None
+        self._len = 0
+
     def compact_rows(self, keep: list[int]) -> None:
         """Keeps rows ``keep`` (ascending) by moving them down inside the same buffers: no
         allocation, and only rows after the first removed one are copied."""
@@ -141,13 +146,16 @@ def concat(
     spare: int = GROW_TOKENS,
     order: Sequence[int] | None = None,
 ) -> tuple[GrowableCache, torch.Tensor]:
-    """Stacks several batches into one, left-padding each to the longest.
+    """Stacks several batches into one, left-padding each to the longest; the parts are
+    consumed (emptied).
 
     Each layer is written once, straight into a buffer with ``spare`` free positions (no
-    second copy when the next forward appends). A part may be ``None`` when its mask has no
-    columns (a prompt with nothing cached yet). ``order`` puts the stacked rows in that order
-    (``order[i]``: the stacked row that becomes row ``i``) in the same single write, one copy
-    per run of rows that stay together.
+    second copy when the next forward appends), and the parts' copies of that layer are let
+    go right after it, so a join holds one layer twice at most, not the whole lane (a lane
+    can be most of the KV pool). A part may be ``None`` when its mask has no columns (a prompt
+    with nothing cached yet). ``order`` puts the stacked rows in that order (``order[i]``: the
+    stacked row that becomes row ``i``) in the same single write, one copy per run of rows
+    that stay together.
     """
     length = max(m.shape[1] for m in masks)
     rows = [m.shape[0] for m in masks]
@@ -178,6 +186,8 @@ def concat(
             bufs.append(buf)
         layer.set_buffers(bufs[0], bufs[1], length)
         layers.append(layer)
+        for cache in present:
+            cache.layers[li].release()
     return GrowableCache(layers), mask
 
 
