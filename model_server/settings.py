@@ -73,8 +73,9 @@ class Settings:
         choices=("auto", "onednn", "torch"),
         help="how an fp32 model's linears run on the CPU: `onednn` packs each weight once at "
         "load for oneDNN (about 2x faster than torch's MKL path on AMD CPUs; last-bit "
-        "differences only), `torch` leaves them to torch; `auto`: oneDNN on x86-64 when this "
-        "torch has it",
+        "differences only) and runs prompts over cached KV (prefix hits, later chunks) "
+        "attending through oneDNN too, `torch` leaves both to torch; `auto`: oneDNN on x86-64 "
+        "when this torch has it",
     )
     max_model_len: int | None = setting(
         None,
