@@ -183,14 +183,14 @@ def test_prefill_columns_find_what_no_query_reads_and_where_the_mask_starts() ->
 def test_prefill_on_onednn_is_sdpa_up_to_rounding(
     block_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two rows (one with left padding), grouped heads, in one block of query rows and in
-    blocks of 7: the result is SDPA's on the same mask."""
+    """Two rows (one with left padding), grouped heads, values wider than keys, in one block
+    of query rows and in blocks of 7: the result is SDPA's on the same mask."""
     monkeypatch.setattr(attention, "SCORE_BYTES", block_bytes)
     gen = torch.Generator().manual_seed(3)
     rows, heads, kv_heads, n, cached, dim = 2, 6, 2, 19, 24, 16
     q = torch.randn(rows, heads, n, dim, generator=gen)
     k = torch.randn(rows, kv_heads, cached + n, dim, generator=gen)
-    v = torch.randn(rows, kv_heads, cached + n, dim, generator=gen)
+    v = torch.randn(rows, kv_heads, cached + n, dim + 8, generator=gen)  # wider values
     allowed = torch.ones(rows, n, cached + n, dtype=torch.bool)
     allowed[:, :, cached:] = torch.ones(n, n, dtype=torch.bool).tril()
     allowed[1, :, :5] = False

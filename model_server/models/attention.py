@@ -85,6 +85,7 @@ def sdpa_gqa_attention(
     columns = getattr(attention_mask, PREFILL_COLUMNS, None)
     if (
         columns is not None
+        and len(columns) == query.shape[0]  # one mask row per batch row, not broadcast
         and query.shape[2] > 1
         and query.dtype == torch.float32
         and kwargs.get("position_bias") is None
@@ -184,7 +185,7 @@ def _prefill_onednn(
     rows, heads, n, dim = query.shape
     scale = dim**-0.5 if scaling is None else scaling
     q = (query * scale).contiguous()
-    out = query.new_empty(rows, n, heads, dim)
+    out = query.new_empty(rows, n, heads, value.shape[-1])
     matmul = torch.ops.mkldnn._linear_pointwise
     for r, (first, zero_until) in enumerate(columns):
         width = key.shape[2] - first
@@ -203,7 +204,7 @@ def _prefill_onednn(
                     ]
                 torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place
                 o = matmul(scores, values_t, None, "none", [], "")
-                out[r, a:b, heads_of_h] = o.view(groups, b - a, dim).transpose(0, 1)
+                out[r, a:b, heads_of_h] = o.view(groups, b - a, -1).transpose(0, 1)
     return out
 
 
