@@ -274,5 +274,5 @@ def test_dns_scale_out_then_drain_under_load(
         bridge.stop()
         dns.close()
     failures = [o for o in outcomes if o != "ok"]
-    assert not failures and len(outcomes) > 15, (failures[:5], len(outcomes))
+    assert not failures and len(outcomes) > 15, (failures[:5], len(outcomes), bridge.log_text())
     assert "left DNS" in bridge.log_text()

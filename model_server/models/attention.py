@@ -30,11 +30,12 @@ whose blocks go through MKL's sgemm (~150 GFLOP/s on the AMD CI box: MKL's gener
 Per row and KV head, the query heads sharing that KV head are stacked into one matrix; scores
 ``q·Kᵀ``, the mask added to the columns it does not leave at 0, an exact softmax, then ``P·V``,
 both products by ``torch.ops.mkldnn._linear_pointwise`` on the cache's own memory (no reorder,
-~440 GFLOP/s), in blocks of query rows whose scores stay under ``SCORE_BYTES``. Columns no
-query of a row reads (its left padding) are skipped. The mask function finds those columns
-once per forward; a mask with a query row that reads nothing (a padded group's padding) keeps
-the flash kernel, whose handling of such rows the engine was built on. Attention 1.7x faster at
-that shape (docs/engine.md, "Prompts over cached KV"); the result differs from the flash
+~440 GFLOP/s), in blocks of query rows whose scores stay under ``SCORE_BYTES``; the softmax
+runs in place over the scores. Columns no query of a row reads (its left padding) are skipped.
+The mask function finds those columns once per forward; a mask with a query row that reads
+nothing (a padded group's padding) keeps the flash kernel, whose handling of such rows the
+engine was built on. Attention 1.7x faster at that shape (docs/engine.md, "Prompts over cached
+KV on oneDNN"); the result differs from the flash
 kernel's in the last bits (another summation order), as a row's attention already does
 between a solo and a padded batch.
 """
