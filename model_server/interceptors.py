@@ -48,12 +48,18 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: a bug in one request becomes INTERNAL for that request only.
 
     ``context.abort`` raises an exception that grpc itself handles; those pass through.
-    ``open_streams`` counts the generator streams (Chat) running now, which the drain waits
-    for (health watches never end by themselves).
+    ``open_streams`` counts the generator streams (Chat) not finished yet, which the drain
+    waits for (health watches never end by themselves). A stream counts until grpc has sent
+    its final status (the context's done callback), not until its generator returns: in
+    between, the drain's hard stop would cut a stream whose every message went out, and the
+    client would see UNAVAILABLE after a complete reply.
     """
 
     def __init__(self) -> None:
         self.open_streams = 0
+
+    def _stream_done(self, _context: grpc.aio.ServicerContext) -> None:
+        self.open_streams -= 1
 
     async def intercept_service(
         self,
@@ -86,13 +92,12 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
                 # and can move it elsewhere when a server stays silent (frozen).
                 await context.send_initial_metadata(())
                 self.open_streams += 1
+                context.add_done_callback(self._stream_done)
                 try:
                     async for item in inner_us(request, context):
                         yield item
                 except Exception as exc:  # noqa: BLE001
                     await _internal(method, context, exc)
-                finally:
-                    self.open_streams -= 1
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer

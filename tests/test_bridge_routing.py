@@ -274,5 +274,6 @@ def test_dns_scale_out_then_drain_under_load(
         bridge.stop()
         dns.close()
     failures = [o for o in outcomes if o != "ok"]
-    assert not failures and len(outcomes) > 15, (failures[:5], len(outcomes), bridge.log_text())
+    unusual = [line for line in bridge.log_text().splitlines() if "status=200" not in line]
+    assert not failures and len(outcomes) > 15, (failures[:5], len(outcomes), unusual)
     assert "left DNS" in bridge.log_text()
