@@ -35,9 +35,8 @@ runs in place over the scores. Columns no query of a row reads (its left padding
 The mask function finds those columns once per forward; a mask with a query row that reads
 nothing (a padded group's padding) keeps the flash kernel, whose handling of such rows the
 engine was built on. Attention 1.7x faster at that shape (docs/engine.md, "Prompts over cached
-KV on oneDNN"); the result differs from the flash
-kernel's in the last bits (another summation order), as a row's attention already does
-between a solo and a padded batch.
+KV on oneDNN"); the result differs from the flash kernel's in the last bits (another summation
+order), as a row's attention already does between a solo and a padded batch.
 """
 
 from __future__ import annotations
@@ -87,6 +86,7 @@ def sdpa_gqa_attention(
     if (
         columns is not None
         and len(columns) == query.shape[0]  # one mask row per batch row, not broadcast
+        and attention_mask.shape[-1] == key.shape[2]  # a mask column per key, none beyond
         and query.shape[2] > 1
         and query.dtype == torch.float32
         and kwargs.get("position_bias") is None
