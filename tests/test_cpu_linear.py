@@ -119,7 +119,7 @@ def test_packing_lets_go_of_the_checkpoint_file(tiny_model_dir: Path, tmp_path: 
     assert mapped()  # what the packed load must not leave behind
     del plain
     gc.collect()
-    packed = load_model(str(folder), CPU, "float32", None)
+    packed = load_model(str(folder), CPU, "float32", None, cpu_linear="onednn")
     assert _count(packed.model, PackedLinear) > 0
     assert not mapped()
 

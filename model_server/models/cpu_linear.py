@@ -115,7 +115,7 @@ def _own_remaining_tensors(model: nn.Module) -> None:
             param.data = param.data.clone()
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.layout == torch.strided:
-                module._buffers[name] = buf.clone()
+                setattr(module, name, buf.clone())  # stays a buffer, persistence kept
 
 
 def _packable(module: nn.Module) -> bool:
