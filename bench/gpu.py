@@ -7,7 +7,8 @@ fixed-length greedy replies. The bound for a decode step of B rows is reading ev
 once: ``B * bandwidth / weight_bytes`` tok/s, with the bandwidth measured here (a device copy,
 bytes read + written). Prints a table and one JSON line; ``--json FILE`` also writes it.
 
-    python -m bench.gpu [--dir /tmp/glm6b] [--levels 1,16,64] [--max-tokens 128] [--json F]
+    python -m bench.gpu [--dir /tmp/glm6b] [--levels 1,16,64] [--max-tokens 128] [--structured]
+                        [--json F]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from glmserve.v1 import chat_pb2_grpc
+from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
 from .load import grpc_request_fn, run_level, summarize
 from .prompts import prompts
@@ -92,15 +93,43 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-async def drive(target: str, levels: list[int], max_tokens: int) -> list[dict[str, Any]]:
+# An array of at least 50 small objects: longer than any --max-tokens reply here, so
+# constrained replies run to max_tokens like the plain ones (ignore_eos is not allowed with a
+# grammar), while every token's mask comes from a JSON schema (llguidance on the host).
+LONG_SCHEMA = {
+    "type": "array",
+    "minItems": 50,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+}
+
+
+async def drive(
+    target: str, levels: list[int], max_tokens: int, structured: bool
+) -> list[dict[str, Any]]:
+    """Each level once; with ``structured``, each level plain then under LONG_SCHEMA."""
     rows = []
+    schema = chat_pb2.StructuredOutput(json_schema=json.dumps(LONG_SCHEMA))
     async with grpc.aio.insecure_channel(target) as channel:
-        send = grpc_request_fn(chat_pb2_grpc.ChatServiceStub(channel), "", max_tokens)
-        await run_level(send, prompts(2), 1)  # warm-up: allocator, kernels
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        modes = {"": grpc_request_fn(stub, "", max_tokens)}
+        if structured:
+            modes[" schema"] = grpc_request_fn(stub, "", max_tokens, structured=schema)
+        for send in modes.values():
+            await run_level(send, prompts(2), 1)  # warm-up: allocator, kernels, grammar
         for c in levels:
-            results, wall = await run_level(send, prompts(max(2 * c, 4)), c, ramp=0.5)
-            rows.append(summarize(f"grpc c={c}", "grpc", c, results, wall))
-            log(f"c={c}: {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['errors']} errors")
+            for suffix, send in modes.items():
+                results, wall = await run_level(send, prompts(max(2 * c, 4)), c, ramp=0.5)
+                rows.append(summarize(f"grpc c={c}{suffix}", "grpc", c, results, wall))
+                row = rows[-1]
+                log(f"{row['name']}: {row['tok_s']:.1f} tok/s, {row['errors']} errors")
     return rows
 
 
@@ -112,6 +141,7 @@ def main() -> None:
     p.add_argument("--levels", default="1,16,64")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--server-arg", action="append", default=[], help="extra model-server flag")
+    p.add_argument("--structured", action="store_true", help="each level also under a JSON schema")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -141,7 +171,7 @@ def main() -> None:
     with Stack(str(model_dir), server_args=server_args, bridge=False) as stack:
         log(f"model server SERVING after {stack.load_seconds:.0f} s")
         mem = gpu_memory_mib(stack.server.pid)  # type: ignore[union-attr]
-        rows = asyncio.run(drive(stack.grpc_target, levels, args.max_tokens))
+        rows = asyncio.run(drive(stack.grpc_target, levels, args.max_tokens, args.structured))
         mem_after = gpu_memory_mib(stack.server.pid)  # type: ignore[union-attr]
     for row in rows:
         row["hbm_bound_tok_s"] = row["concurrency"] * bw / wbytes
@@ -149,11 +179,11 @@ def main() -> None:
     print(f"\n{gpu}, {wbytes / 2**30:.2f} GiB weights, copy {bw / 1e12:.2f} TB/s")
     print(f"GPU memory (nvidia-smi): {mem} MiB loaded, {mem_after} MiB after the run, of which")
     print(f"{context} MiB is the CUDA context any process has")
-    head = ("streams", "tok/s", "bound", "of bound", "ttft p50", "itl p50")
-    print("{:>7} {:>8} {:>8} {:>8} {:>9} {:>8}".format(*head))
+    head = ("row", "tok/s", "bound", "of bound", "ttft p50", "itl p50")
+    print("{:>17} {:>8} {:>8} {:>8} {:>9} {:>8}".format(*head))
     for r in rows:
         print(
-            f"{r['concurrency']:>7} {r['tok_s']:8.1f} {r['hbm_bound_tok_s']:8.0f} "
+            f"{r['name']:>17} {r['tok_s']:8.1f} {r['hbm_bound_tok_s']:8.0f} "
             f"{r['of_bound']:8.1%} {r['ttft_p50'] or 0:9.3f} {r['itl_p50'] or 0:8.4f}"
         )
     result = {

@@ -5,7 +5,9 @@ the GPU (no checkpoint), prefills ``--prompt`` tokens per row, then times decode
 batch size with ``DynamicCache``: wall ms per step, GPU busy ms per step (CUDA kernel time
 from the profiler) and kernels launched per step. Wall far above GPU time means the step is
 bound by Python and launch overhead, not by memory bandwidth. Compare with the engine's
-inter-token latency from ``python -m bench.gpu`` on the same machine.
+inter-token latency from ``python -m bench.gpu`` on the same machine. Each batch runs twice:
+with torch's own choice of SDPA backend (cuDNN first on Hopper) and with the engine's
+(``model_server.models.attention.sdpa_backends``: no cuDNN, which plans each new key length).
 
     python -m bench.hf_step [--batches 1,16,64] [--steps 20] [--json FILE]
 """
@@ -13,6 +15,7 @@ inter-token latency from ``python -m bench.gpu`` on the same machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import time
@@ -22,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
+from model_server.models.attention import sdpa_backends
 from model_server.models.chatglm2.config import ChatGLM2Config
 
 from .chatglm2_load_memory import REAL_6B
@@ -51,7 +55,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def step_times(model: Any, batch: int, prompt: int, steps: int) -> dict[str, float]:
+def step_times(
+    model: Any, batch: int, prompt: int, steps: int, engine_sdpa: bool
+) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    with sdpa_backends(device)() if engine_sdpa else contextlib.nullcontext():
+        return {
+            "sdpa": "engine" if engine_sdpa else "torch",
+            **_step_times(model, batch, prompt, steps),
+        }
+
+
+def _step_times(model: Any, batch: int, prompt: int, steps: int) -> dict[str, float]:
     device = next(model.parameters()).device
     ids = torch.randint(100, 60000, (batch, prompt), device=device)
     cache = DynamicCache()
@@ -105,11 +120,15 @@ def main() -> None:
     with torch.device(args.device):
         model = GlmForCausalLM(cfg.to_glm_config()).eval()
     torch.set_default_dtype(torch.float32)
-    rows = [step_times(model, int(b), args.prompt, args.steps) for b in args.batches.split(",")]
-    print(f"{'batch':>5} {'wall ms':>8} {'GPU ms':>7} {'kernels':>8}")
+    rows = [
+        step_times(model, int(b), args.prompt, args.steps, engine_sdpa)
+        for b in args.batches.split(",")
+        for engine_sdpa in (False, True)
+    ]
+    print(f"{'batch':>5} {'sdpa':>6} {'wall ms':>8} {'GPU ms':>7} {'kernels':>8}")
     for r in rows:
         print(
-            f"{r['batch']:>5} {r['wall_ms']:8.1f} {r['gpu_busy_ms']:7.1f} "
+            f"{r['batch']:>5} {r['sdpa']:>6} {r['wall_ms']:8.1f} {r['gpu_busy_ms']:7.1f} "
             f"{r['kernels_per_step']:8.0f}"
         )
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"

@@ -104,9 +104,14 @@ def bridge_request_fn(client: AsyncOpenAI, model: str, max_tokens: int) -> Reque
 
 
 def grpc_request_fn(
-    stub: chat_pb2_grpc.ChatServiceStub, model: str, max_tokens: int, timeout: float = 900.0
+    stub: chat_pb2_grpc.ChatServiceStub,
+    model: str,
+    max_tokens: int,
+    timeout: float = 900.0,
+    structured: chat_pb2.StructuredOutput | None = None,
 ) -> RequestFn:
-    """One server-streaming glmserve.v1 ChatService.Chat call."""
+    """One server-streaming glmserve.v1 ChatService.Chat call (``structured``: under that
+    grammar, which must not end before ``max_tokens``, since a grammar excludes ignore_eos)."""
 
     async def send(prompt: str) -> RequestResult:
         result = RequestResult()
@@ -115,7 +120,8 @@ def grpc_request_fn(
             messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content=prompt)],
             max_tokens=max_tokens,
             temperature=0.0,
-            ignore_eos=True,
+            ignore_eos=structured is None,
+            structured_output=structured,
         )
         t0 = time.perf_counter()
         last: float | None = None

@@ -14,7 +14,7 @@ import torch
 from model_server.engine import kv
 from model_server.engine.runner import ModelRunner
 from model_server.models import attention
-from model_server.models.attention import NAME, NAME_ONEDNN, use_gqa_sdpa
+from model_server.models.attention import NAME, NAME_ONEDNN, sdpa_backends, use_gqa_sdpa
 from model_server.models.cpu_linear import onednn_available
 from model_server.models.registry import load_model
 
@@ -202,3 +202,17 @@ def test_prefill_on_onednn_is_sdpa_up_to_rounding(
         q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True
     ).transpose(1, 2)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_forwards_run_sdpa_without_cudnn():
+    """cuDNN attention plans every new key length anew (a decode step's is new at every step):
+    on CUDA the runner's context leaves it out, keeps the others, and restores torch's flags."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with sdpa_backends(torch.device("cuda"))():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with sdpa_backends(torch.device("cpu"))():
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

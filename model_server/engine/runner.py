@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from ..models.attention import use_gqa_sdpa
+from ..models.attention import sdpa_backends, use_gqa_sdpa
 from ..models.base import LoadedModel
 from ..models.cpu_linear import PackedLinear
 from . import kv
@@ -35,6 +35,8 @@ class ModelRunner:
         self.logits_device = next(t.device for t in (*head.parameters(), *head.buffers()))
         params = inspect.signature(self._model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # On CUDA, attention without cuDNN's per-shape plans (models/attention.py).
+        self._sdpa = sdpa_backends(self.device)
 
     def forward(
         self,
@@ -47,14 +49,15 @@ class ModelRunner:
         """Appends the new positions to ``cache``; returns the last position's logits
         ([B, V]), or with ``all_positions`` every new position's ([B, L, V]: prompt
         log-probabilities; L is one prefill step's tokens, so this stays bounded)."""
-        out = self._model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            use_cache=True,
-            logits_to_keep=0 if all_positions else 1,
-            **{self._cache_kw: cache},
-        )
+        with self._sdpa():
+            out = self._model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                logits_to_keep=0 if all_positions else 1,
+                **{self._cache_kw: cache},
+            )
         return out.logits if all_positions else out.logits[:, -1, :]
 
     def sample(

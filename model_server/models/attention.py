@@ -37,14 +37,26 @@ nothing (a padded group's padding) keeps the flash kernel, whose handling of suc
 engine was built on. Attention 1.7x faster at that shape (docs/engine.md, "Prompts over cached
 KV on oneDNN"); the result differs from the flash kernel's in the last bits (another summation
 order), as a row's attention already does between a solo and a padded batch.
+
+**On CUDA, SDPA runs without cuDNN's attention** (:func:`sdpa_backends`). torch picks cuDNN
+first on Hopper, and cuDNN builds an execution plan for every new shape; a decode step's key
+length is new at every step, so each step paid 28 plan builds. On an H100 one decode step's
+SDPA calls (28 layers, 16 rows, ~600 keys, a mask) took 45-63 ms (up to 0.9 s) with the default
+choice and 2.8 ms without cuDNN; warm on one fixed shape cuDNN is 1.9 ms, a shape the engine
+never repeats. The 6B-shaped model with 8 layers served 5.8-7.3x the tokens at one stream and
+4.5-4.8x at 16 (docs/engine.md, "GPU").
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -61,11 +73,21 @@ PREFILL_COLUMNS = "glmserve_prefill_columns"
 SCORE_BYTES = 8 * 2**20
 # The attribute of a decode step's additive mask that holds its runs of rows (see above).
 RUNS = "glmserve_decode_runs"
+# SDPA's backends on CUDA: all but cuDNN's, which plans each new key length anew (see above).
+CUDA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 # What one more SDPA call per layer costs, in KV positions read (~15 us against ~90 ns a row
 # position for SmolLM2 on the 2-core CPU; the order of magnitude is what matters).
 RUN_CALL_POSITIONS = 192
 # Row boundaries the split of a decode step considers at most (its cost grows as the square).
 RUN_CANDIDATES = 32
+
+
+def sdpa_backends(device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The context a forward on ``device`` runs in: SDPA limited to ``CUDA_BACKENDS`` on CUDA,
+    torch's own choice elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext
+    return functools.partial(sdpa_kernel, list(CUDA_BACKENDS))
 
 
 def sdpa_gqa_attention(
