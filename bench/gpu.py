@@ -114,7 +114,9 @@ LONG_SCHEMA = {
 async def drive(
     target: str, levels: list[int], max_tokens: int, structured: bool
 ) -> list[dict[str, Any]]:
-    """Each level once; with ``structured``, each level plain then under LONG_SCHEMA."""
+    """Each level once; with ``structured``, each level plain and under LONG_SCHEMA, in
+    alternating order (what runs second finds warm allocator blocks), each mode on its own
+    prompts (a tag in front: no prefix-cache hits across modes)."""
     rows = []
     schema = chat_pb2.StructuredOutput(json_schema=json.dumps(LONG_SCHEMA))
     async with grpc.aio.insecure_channel(target) as channel:
@@ -124,9 +126,12 @@ async def drive(
             modes[" schema"] = grpc_request_fn(stub, "", max_tokens, structured=schema)
         for send in modes.values():
             await run_level(send, prompts(2), 1)  # warm-up: allocator, kernels, grammar
-        for c in levels:
-            for suffix, send in modes.items():
-                results, wall = await run_level(send, prompts(max(2 * c, 4)), c, ramp=0.5)
+        for i, c in enumerate(levels):
+            for suffix, send in list(modes.items())[:: -1 if i % 2 else 1]:
+                texts = prompts(max(2 * c, 4))
+                if structured:
+                    texts = [f"({suffix.strip() or 'plain'}) {t}" for t in texts]
+                results, wall = await run_level(send, texts, c, ramp=0.5)
                 rows.append(summarize(f"grpc c={c}{suffix}", "grpc", c, results, wall))
                 row = rows[-1]
                 log(f"{row['name']}: {row['tok_s']:.1f} tok/s, {row['errors']} errors")
