@@ -28,6 +28,7 @@ from glmserve.v1 import chat_pb2, chat_pb2_grpc
 
 from .load import grpc_request_fn, run_level, summarize
 from .prompts import prompts
+from .report import emit_json
 from .stack import Stack
 
 
@@ -202,9 +203,7 @@ def main() -> None:
         "gpu_memory_mib_after": mem_after,
         "rows": rows,
     }
-    print("JSON " + json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ from model_server.models.attention import sdpa_backends
 from model_server.models.chatglm2.config import ChatGLM2Config
 
 from .chatglm2_load_memory import REAL_6B
+from .report import emit_json
 
 
 def six_b_config(num_layers: int) -> ChatGLM2Config:
@@ -133,10 +133,7 @@ def main() -> None:
         )
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     result = {"gpu": gpu, "torch": torch.__version__, "rows": rows}
-    print("JSON " + json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

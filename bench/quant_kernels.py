@@ -18,13 +18,14 @@ Each method's output is checked against an fp32 reference dequantization (``max_
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .report import emit_json
 
 # (name, out_features, in_features) of ChatGLM2-6B's linears.
 SHAPES = [
@@ -172,10 +173,7 @@ def main() -> None:
     result = {"device": str(device), "torch": torch.__version__, "rows": rows}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
-    print("JSON " + json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,14 @@ Row = dict[str, Any]
 MARKER = "BENCH_JSON "
 
 
+def emit_json(result: dict[str, Any], path: str | Path | None) -> None:
+    """A one-off bench's result (``bench.gpu``, ``hf_step``, ``quant_kernels``,
+    ``sdpa_backends``): one ``JSON {...}`` line on stdout, and the file ``--json`` names."""
+    print("JSON " + json.dumps(result))
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2))
+
+
 def find_row(result: Result, kind: str, concurrency: int | None = None) -> Row | None:
     """The first row of ``kind`` (bridge, grpc) at ``concurrency``, or named ``kind`` (HF)."""
     for row in result.get("rows", []):

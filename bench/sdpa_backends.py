@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model_server.models.attention import CUDA_BACKENDS
+
+from .report import emit_json
 
 SETS: dict[str, list[SDPBackend] | None] = {
     "default": None,
@@ -100,10 +101,7 @@ def main() -> None:
             )
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     out = {"gpu": gpu, "torch": torch.__version__, "rows": results}
-    print("JSON " + json.dumps(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    emit_json(out, args.json)
 
 
 if __name__ == "__main__":
