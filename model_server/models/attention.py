@@ -42,9 +42,9 @@ order), as a row's attention already does between a solo and a padded batch.
 first on Hopper, and cuDNN builds an execution plan for every new shape; a decode step's key
 length is new at every step, so each step paid 28 plan builds. On an H100 one decode step's
 SDPA calls (28 layers, 16 rows, ~600 keys, a mask) took 45-63 ms (up to 0.9 s) with the default
-choice and 2.8 ms without cuDNN; warm on one fixed shape cuDNN is 1.9 ms, a shape the engine
-never repeats. The 6B-shaped model with 8 layers served 5.8-7.3x the tokens at one stream and
-4.5-4.8x at 16 (docs/engine.md, "GPU").
+choice and 2.8 ms without cuDNN. cuDNN is faster only on a shape it has planned already (1.9
+ms), and the engine's shapes change at every step. The 6B-shaped model with 8 layers served
+5.8-7.3x the tokens at one stream and 4.5-4.8x at 16 (docs/engine.md, "GPU").
 """
 
 from __future__ import annotations
