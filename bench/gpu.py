@@ -116,8 +116,9 @@ async def drive(
     target: str, levels: list[int], max_tokens: int, structured: bool
 ) -> list[dict[str, Any]]:
     """Each level once; with ``structured``, each level plain and under LONG_SCHEMA, in
-    alternating order (what runs second finds warm allocator blocks), each mode on its own
-    prompts (a tag in front: no prefix-cache hits across modes)."""
+    alternating order (what runs second meets shapes and memory the first one warmed: under
+    torch's default SDPA that was cuDNN's plan cache, docs/engine.md "GPU"), each mode on its
+    own prompts (a tag in front: no prefix-cache hits across modes)."""
     rows = []
     schema = chat_pb2.StructuredOutput(json_schema=json.dumps(LONG_SCHEMA))
     async with grpc.aio.insecure_channel(target) as channel:

@@ -62,12 +62,13 @@ def step_times(
     with sdpa_backends(device)() if engine_sdpa else contextlib.nullcontext():
         return {
             "sdpa": "engine" if engine_sdpa else "torch",
-            **_step_times(model, batch, prompt, steps),
+            **_step_times(model, device, batch, prompt, steps),
         }
 
 
-def _step_times(model: Any, batch: int, prompt: int, steps: int) -> dict[str, float]:
-    device = next(model.parameters()).device
+def _step_times(
+    model: Any, device: torch.device, batch: int, prompt: int, steps: int
+) -> dict[str, float]:
     ids = torch.randint(100, 60000, (batch, prompt), device=device)
     cache = DynamicCache()
     # transformers renamed past_key_values to cache; the GPU image may be older than ours.
