@@ -11,6 +11,7 @@ import torch
 
 from .base import LoadedModel, ModelLoadError
 from .cpu_linear import onednn_available, pack_linears, packs_by_default
+from .fused_layers import fuse_layers
 from .gguf import DEFAULT_MODEL, load_default
 from .hf import load_hf, resolve_dtype
 
@@ -40,8 +41,11 @@ def load_model(
     ``device_map`` (``--device-map``: ``auto``, ``balanced``, ...): accelerate spreads the
     layers over the visible GPUs instead of putting the model on ``device``.
     ``cpu_linear`` (``--cpu-linear``): ``onednn`` packs an fp32 CPU model's linears for oneDNN
-    (:mod:`.cpu_linear`), ``auto`` does on x86-64, ``torch`` leaves them as they are."""
+    (:mod:`.cpu_linear`), ``auto`` does on x86-64, ``torch`` leaves them as they are.
+    Every model's standard RMSNorms and GLM rotary become :mod:`.fused_layers`' (fewer kernel
+    launches; bit-identical in fp32)."""
     loaded = _load(model, device, dtype_name, max_model_len, quantize, device_map)
+    fuse_layers(loaded.model)
     wanted = cpu_linear == "onednn" or (cpu_linear == "auto" and packs_by_default())
     if wanted and loaded.device.type == "cpu" and loaded.dtype == torch.float32:
         if onednn_available():

@@ -1,0 +1,142 @@
+"""The fused RMSNorm and GLM rotary (model_server/models/fused_layers.py) compute transformers'
+bits: the whole engine path (prompt, prompt over cached KV, padded group, decode steps) gives
+identical logits and KV in fp32 on a Llama-shaped and a ChatGLM2 tiny model; the rotary alone
+is identical in bf16 and fp16 too, and the bf16 norm is within one unit in the last place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.glm.modeling_glm import GlmAttention, GlmRMSNorm
+
+from model_server.engine import kv
+from model_server.engine.runner import ModelRunner
+from model_server.models import registry
+from model_server.models.fused_layers import FusedRMSNorm, GlmFusedRotaryAttention, fuse_layers
+
+
+def _engine_forwards(runner: ModelRunner) -> list[torch.Tensor]:
+    """A prompt, a prompt over its cached KV, a left-padded group and decode steps; then the KV."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, runner.vocab, (2, 80), generator=gen)
+    one, two = kv.new_cache(), kv.new_cache()
+    outs = [
+        runner.forward(
+            ids[:1, :40], torch.ones(1, 40, dtype=torch.long), torch.arange(40)[None], one
+        ),
+        runner.forward(
+            ids[:1, 40:56], torch.ones(1, 56, dtype=torch.long), torch.arange(40, 56)[None], one
+        ),
+    ]
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, :10] = 0
+    positions = torch.stack([torch.arange(32), (torch.arange(32) - 10).clamp(min=0)])
+    outs.append(runner.forward(ids[:, :32], mask, positions, two))
+    for step in range(3):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        positions = torch.tensor([[32 + step], [22 + step]])
+        outs.append(runner.forward(ids[:, 32 + step : 33 + step], mask, positions, two))
+    for cache in (one, two):
+        outs += [t.clone() for layer in cache.layers for t in (layer.keys, layer.values)]
+    return outs
+
+
+@pytest.mark.parametrize("which", ["llama", "chatglm2"])
+@pytest.mark.parametrize("cpu_linear", ["torch", "onednn"])
+def test_fused_model_is_bit_identical_in_fp32(
+    which: str,
+    cpu_linear: str,
+    tiny_model_dir: Path,
+    tiny_chatglm2_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = str(tiny_model_dir if which == "llama" else tiny_chatglm2_dir)
+    cpu = torch.device("cpu")
+    fused = registry.load_model(folder, cpu, "float32", None, cpu_linear=cpu_linear)
+    norms = [m for m in fused.model.modules() if isinstance(m, FusedRMSNorm)]
+    layers = fused.model.config.num_hidden_layers
+    assert len(norms) == 2 * layers + 1  # two per layer and the final one
+    rotary = [m for m in fused.model.modules() if isinstance(m, GlmFusedRotaryAttention)]
+    assert len(rotary) == (layers if which == "chatglm2" else 0)
+
+    monkeypatch.setattr(registry, "fuse_layers", lambda model: {})
+    stock = registry.load_model(folder, cpu, "float32", None, cpu_linear=cpu_linear)
+    assert not any(isinstance(m, FusedRMSNorm) for m in stock.model.modules())
+
+    with torch.inference_mode():
+        ours = _engine_forwards(ModelRunner(fused))
+        theirs = _engine_forwards(ModelRunner(stock))
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def _glm_attention(dtype: torch.dtype) -> tuple[GlmAttention, GlmAttention]:
+    from transformers import GlmConfig
+
+    cfg = GlmConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        partial_rotary_factor=0.5,
+        attention_bias=True,
+        num_hidden_layers=1,
+        intermediate_size=32,
+        vocab_size=32,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    stock = GlmAttention(cfg, layer_idx=0).to(dtype)
+    model = nn.ModuleDict({"attn": GlmAttention(cfg, layer_idx=0).to(dtype)})
+    model["attn"].load_state_dict(stock.state_dict())
+    assert fuse_layers(model) == {"rmsnorm": 0, "rotary": 1}
+    return stock, model["attn"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_glm_rotary_is_bit_identical_in_every_dtype(dtype: torch.dtype) -> None:
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    stock, fused = _glm_attention(dtype)
+    rotary = GlmRotaryEmbedding(stock.config)
+    hidden = torch.randn(2, 7, 64).to(dtype)
+    for offset in (0, 900):  # the tables follow each forward's positions
+        positions = torch.arange(offset, offset + 7)[None].expand(2, -1)
+        cos, sin = rotary(hidden, positions)
+        with torch.inference_mode():
+            a, _ = stock(hidden, position_embeddings=(cos, sin), attention_mask=None)
+            b, _ = fused(hidden, position_embeddings=(cos, sin), attention_mask=None)
+        assert torch.equal(a, b)
+
+
+def test_bf16_norm_is_within_one_ulp() -> None:
+    norm = GlmRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.randn(64).to(torch.bfloat16)
+    x = (torch.randn(3, 5, 64) * 4).to(torch.bfloat16)
+    fused = FusedRMSNorm(norm.weight, norm.variance_epsilon)
+    a, b = norm(x).float(), fused(x).float()
+    ulp = torch.finfo(torch.bfloat16).eps * a.abs().clamp(min=1e-3)
+    assert ((a - b).abs() <= ulp).all()
+
+
+def test_leaves_other_norms_and_hooked_modules_alone() -> None:
+    class OtherNorm(nn.Module):  # Gemma-style: (1 + weight), not the standard formula
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * (1.0 + self.weight)
+
+    hooked = GlmRMSNorm(8)
+    hooked._hf_hook = object()  # what accelerate's dispatch leaves on a placed module
+    model = nn.ModuleDict({"other": OtherNorm(), "hooked": hooked, "plain": GlmRMSNorm(8)})
+    assert fuse_layers(model) == {"rmsnorm": 1, "rotary": 0}
+    assert isinstance(model["other"], OtherNorm)
+    assert model["hooked"] is hooked
+    assert isinstance(model["plain"], FusedRMSNorm)
