@@ -52,8 +52,9 @@ def _init_rotary(model: GlmForCausalLM, device: torch.device, position_scale: fl
     dividing ``inv_freq`` instead gives the same rotation.
     """
     rotary = model.model.rotary_emb
-    inv_freq, _ = rotary.compute_default_rope_parameters(model.config, device=device)
-    inv_freq = inv_freq / position_scale
+    # No ``device=`` argument: some transformers 5.x releases deprecate it.
+    inv_freq, _ = rotary.compute_default_rope_parameters(model.config)
+    inv_freq = inv_freq.to(device) / position_scale
     rotary.inv_freq = inv_freq
     rotary.original_inv_freq = inv_freq.clone()
 
