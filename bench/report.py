@@ -20,7 +20,8 @@ MARKER = "BENCH_JSON "
 
 def emit_json(result: dict[str, Any], path: str | Path | None) -> None:
     """A one-off bench's result (``bench.gpu``, ``hf_step``, ``quant_kernels``,
-    ``sdpa_backends``): one ``JSON {...}`` line on stdout, and the file ``--json`` names."""
+    ``sdpa_backends``, ``fused_layers``): one ``JSON {...}`` line on stdout, and the file
+    ``--json`` names."""
     print("JSON " + json.dumps(result))
     if path:
         Path(path).write_text(json.dumps(result, indent=2))
