@@ -158,3 +158,18 @@ def test_fused_chatglm2_on_cuda_matches_stock(
     for a, b in zip(ours, theirs):
         a, b = a.float().cpu(), b.float().cpu()
         assert float((a - b).abs().max()) <= 0.03 * float(b.abs().max())
+
+
+def test_bench_fused_layers_checks_its_results() -> None:
+    """``python -m bench.fused_layers``'s measurement, a few calls on the CPU: the checks it
+    reports are the real comparison (a broken rotary would read "DIFFERENT")."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.fused_layers import measure
+
+    rows = measure(2, torch.device("cpu"), torch.float32, calls=3)
+    assert [r["op"] for r in rows] == ["rmsnorm", "rotary q+k"]
+    assert rows[0]["within_one_ulp"] and rows[0]["max_abs_diff"] == 0.0
+    assert rows[1]["identical"]
+    assert all(r["fused_host_us"] > 0 and r["transformers_host_us"] > 0 for r in rows)
