@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_shapes import engine_forwards
 
 from model_server.engine import kv
 from model_server.engine.runner import ModelRunner
@@ -17,39 +18,6 @@ from model_server.models import attention
 from model_server.models.attention import NAME, NAME_ONEDNN, sdpa_backends, use_gqa_sdpa
 from model_server.models.cpu_linear import onednn_available
 from model_server.models.registry import load_model
-
-
-def _forwards(runner: ModelRunner, vocab: int) -> list[torch.Tensor]:
-    """Logits of each forward and the final KV of both caches."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 120), generator=gen)
-    outs = []
-    one = kv.new_cache()  # 64 positions, then 24 more over them (a prefix-cache hit's shape)
-    outs.append(
-        runner.forward(
-            ids[:1, :64], torch.ones(1, 64, dtype=torch.long), torch.arange(64)[None], one
-        )
-    )
-    outs.append(
-        runner.forward(
-            ids[:1, 64:88], torch.ones(1, 88, dtype=torch.long), torch.arange(64, 88)[None], one
-        )
-    )
-    two = kv.new_cache()  # a left-padded group, a second chunk, then decode steps
-    mask = torch.ones(2, 48, dtype=torch.long)
-    mask[1, :20] = 0
-    positions = torch.stack([torch.arange(48), (torch.arange(48) - 20).clamp(min=0)])
-    outs.append(runner.forward(ids[:, :48], mask, positions, two))
-    mask = torch.cat([mask, torch.ones(2, 16, dtype=torch.long)], dim=1)
-    positions = torch.stack([torch.arange(48, 64), torch.arange(28, 44)])
-    outs.append(runner.forward(ids[:, 48:64], mask, positions, two))
-    for step in range(3):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        positions = torch.tensor([[64 + step], [44 + step]])
-        outs.append(runner.forward(ids[:, 64 + step : 65 + step], mask, positions, two))
-    for cache in (one, two):
-        outs += [t.clone() for layer in cache.layers for t in (layer.keys, layer.values)]
-    return outs
 
 
 @pytest.mark.parametrize("which", ["llama", "chatglm2"])
@@ -64,9 +32,9 @@ def test_engine_attention_is_bit_identical_to_sdpa(
     runner = ModelRunner(loaded)  # switches the model to the engine's attention
     assert model.config._attn_implementation == NAME
     with torch.inference_mode():
-        ours = _forwards(runner, runner.vocab)
+        ours = engine_forwards(runner)
         model.set_attn_implementation("sdpa")
-        stock = _forwards(runner, runner.vocab)
+        stock = engine_forwards(runner)
     assert len(ours) == len(stock)
     for a, b in zip(ours, stock):
         assert torch.equal(a, b)
@@ -148,13 +116,13 @@ def test_prompts_over_cached_kv_run_on_onednn(
 
     monkeypatch.setattr(attention, "_prefill_onednn", counted)
     with torch.inference_mode():
-        ours = _forwards(runner, runner.vocab)
+        ours = engine_forwards(runner)
         layers = len(loaded.model.model.layers)
         # per layer: the 24 tokens over 64 cached, the group's second chunk of 16
         assert len(seen) == 2 * layers
         assert {s[0] for s in seen} == {1, 2} and {s[2] for s in seen} == {24, 16}
         loaded.model.set_attn_implementation("sdpa")
-        stock = _forwards(runner, runner.vocab)
+        stock = engine_forwards(runner)
     for a, b in zip(ours, stock):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         if a.dim() == 2:  # logits [rows, vocab]; the rest are KV [rows, heads, positions, dim]

@@ -9,39 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_shapes import engine_forwards
 from torch import nn
 from transformers.models.glm.modeling_glm import GlmAttention, GlmRMSNorm
 
-from model_server.engine import kv
 from model_server.engine.runner import ModelRunner
 from model_server.models import registry
 from model_server.models.fused_layers import FusedRMSNorm, GlmFusedRotaryAttention, fuse_layers
-
-
-def _engine_forwards(runner: ModelRunner) -> list[torch.Tensor]:
-    """A prompt, a prompt over its cached KV, a left-padded group and decode steps; then the KV."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, runner.vocab, (2, 80), generator=gen)
-    one, two = kv.new_cache(), kv.new_cache()
-    outs = [
-        runner.forward(
-            ids[:1, :40], torch.ones(1, 40, dtype=torch.long), torch.arange(40)[None], one
-        ),
-        runner.forward(
-            ids[:1, 40:56], torch.ones(1, 56, dtype=torch.long), torch.arange(40, 56)[None], one
-        ),
-    ]
-    mask = torch.ones(2, 32, dtype=torch.long)
-    mask[1, :10] = 0
-    positions = torch.stack([torch.arange(32), (torch.arange(32) - 10).clamp(min=0)])
-    outs.append(runner.forward(ids[:, :32], mask, positions, two))
-    for step in range(3):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        positions = torch.tensor([[32 + step], [22 + step]])
-        outs.append(runner.forward(ids[:, 32 + step : 33 + step], mask, positions, two))
-    for cache in (one, two):
-        outs += [t.clone() for layer in cache.layers for t in (layer.keys, layer.values)]
-    return outs
 
 
 @pytest.mark.parametrize("which", ["llama", "chatglm2"])
@@ -67,8 +41,8 @@ def test_fused_model_is_bit_identical_in_fp32(
     assert not any(isinstance(m, FusedRMSNorm) for m in stock.model.modules())
 
     with torch.inference_mode():
-        ours = _engine_forwards(ModelRunner(fused))
-        theirs = _engine_forwards(ModelRunner(stock))
+        ours = engine_forwards(ModelRunner(fused))
+        theirs = engine_forwards(ModelRunner(stock))
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
@@ -153,8 +127,8 @@ def test_fused_chatglm2_on_cuda_matches_stock(
     monkeypatch.setattr(registry, "fuse_layers", lambda model: {})
     stock = registry.load_model(str(tiny_chatglm2_dir), cuda, "bfloat16", None)
     with torch.inference_mode():
-        ours = _engine_forwards(ModelRunner(fused))
-        theirs = _engine_forwards(ModelRunner(stock))
+        ours = engine_forwards(ModelRunner(fused))
+        theirs = engine_forwards(ModelRunner(stock))
     for a, b in zip(ours, theirs):
         a, b = a.float().cpu(), b.float().cpu()
         assert float((a - b).abs().max()) <= 0.03 * float(b.abs().max())
