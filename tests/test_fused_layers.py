@@ -25,7 +25,6 @@ def test_fused_model_is_bit_identical_in_fp32(
     cpu_linear: str,
     tiny_model_dir: Path,
     tiny_chatglm2_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     folder = str(tiny_model_dir if which == "llama" else tiny_chatglm2_dir)
     cpu = torch.device("cpu")
@@ -36,8 +35,9 @@ def test_fused_model_is_bit_identical_in_fp32(
     rotary = [m for m in fused.model.modules() if isinstance(m, GlmFusedRotaryAttention)]
     assert len(rotary) == (layers if which == "chatglm2" else 0)
 
-    monkeypatch.setattr(registry, "fuse_layers", lambda model: {})
-    stock = registry.load_model(folder, cpu, "float32", None, cpu_linear=cpu_linear)
+    stock = registry.load_model(
+        folder, cpu, "float32", None, cpu_linear=cpu_linear, fused_layers=False
+    )
     assert not any(isinstance(m, FusedRMSNorm) for m in stock.model.modules())
 
     with torch.inference_mode():
@@ -118,14 +118,13 @@ def test_leaves_other_norms_and_hooked_modules_alone() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_chatglm2_on_cuda_matches_stock(
-    tiny_chatglm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_chatglm2_dir: Path,
 ) -> None:
     """On a GPU in bf16: the fused kernel's norm rounds once, so a loose bound, not bits."""
     cuda = torch.device("cuda")
     fused = registry.load_model(str(tiny_chatglm2_dir), cuda, "bfloat16", None)
     assert any(isinstance(m, GlmFusedRotaryAttention) for m in fused.model.modules())
-    monkeypatch.setattr(registry, "fuse_layers", lambda model: {})
-    stock = registry.load_model(str(tiny_chatglm2_dir), cuda, "bfloat16", None)
+    stock = registry.load_model(str(tiny_chatglm2_dir), cuda, "bfloat16", None, fused_layers=False)
     with torch.inference_mode():
         ours = engine_forwards(ModelRunner(fused))
         theirs = engine_forwards(ModelRunner(stock))
