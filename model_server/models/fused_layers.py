@@ -19,8 +19,10 @@ launch from Python:
   applies ``x * cos + swap_pairs(x) * sin``: four ops per tensor, bit-identical to
   transformers' result in every dtype (``tests/test_fused_layers.py``).
 
-Modules that carry accelerate hooks (``--device-map`` over several GPUs) are left as they are:
-the hook holds the original ``forward``.
+Measured on an H200 (docs/engine.md, "Fused RMSNorm and rotary"): 1.34-1.64x the tokens per
+second at one stream, 1.38-1.52x at 16, 1.09x at 64. ``--no-fused-layers`` keeps transformers'
+own modules. Modules that carry accelerate hooks (``--device-map`` over several GPUs) are left
+as they are: the hook holds the original ``forward``.
 """
 
 from __future__ import annotations
