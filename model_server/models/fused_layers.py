@@ -6,11 +6,14 @@ py-spy put 30 % of the engine thread in transformers' GLM rotary code and 25 % i
 (docs/engine.md, "GPU"). Both are a handful of tiny elementwise kernels per layer, each paying a
 launch from Python:
 
-- **RMSNorm.** transformers' standard RMSNorm (Llama, GLM, Qwen2, Mistral, ...) runs six ops
-  (cast, square, mean, add, rsqrt, two multiplies). ``torch.nn.functional.rms_norm`` is one op
-  (a fused kernel on CUDA). fp32 results are bit-identical; in bf16/fp16 the fused op rounds
+- **RMSNorm, on CUDA.** transformers' standard RMSNorm (Llama, GLM, Qwen2, Mistral, ...) runs
+  six ops (cast, square, mean, add, rsqrt, two multiplies). ``torch.nn.functional.rms_norm`` is
+  one fused kernel on CUDA. fp32 results are bit-identical; in bf16/fp16 the fused op rounds
   once where transformers rounds the normalised value before the weight multiply, so results
-  differ by at most one unit in the last place (the fused one is the more exact).
+  differ by at most one unit in the last place (the fused one is the more exact). On the CPU
+  torch's ``rms_norm`` is the same ops again, and the bench's 16 streams on the default model
+  ran 217-249 tok/s with it against 250-253 without (docs/engine.md): the loader asks for it
+  on CUDA only.
 - **GLM's rotary.** transformers' ``apply_rotary_pos_emb`` for GLM re-interleaves cos/sin in
   every layer (two ``repeat_interleave``), rotates a sliced half with a negate and a stack, and
   concatenates the pass-through half back, for queries and keys: ~20 launches per layer. Here
@@ -162,12 +165,12 @@ def _hooked(module: nn.Module) -> bool:
     return hasattr(module, "_hf_hook")
 
 
-def fuse_layers(model: nn.Module) -> dict[str, int]:
-    """Swaps in :class:`FusedRMSNorm` and :class:`GlmFusedRotaryAttention` where they compute
-    the same thing; returns how many modules of each kind changed (for the load log)."""
+def fuse_layers(model: nn.Module, rmsnorm: bool = True) -> dict[str, int]:
+    """Swaps in :class:`GlmFusedRotaryAttention`, and :class:`FusedRMSNorm` when ``rmsnorm``,
+    where they compute the same thing; returns how many modules of each kind changed."""
     standard = _standard_rmsnorm_source()
     norms = 0
-    for parent in list(model.modules()):
+    for parent in list(model.modules()) if rmsnorm else []:
         for name, child in list(parent.named_children()):
             forward = getattr(type(child), "forward", None)
             if (
@@ -194,5 +197,5 @@ def fuse_layers(model: nn.Module) -> dict[str, int]:
             module._rotary = tables  # type: ignore[attr-defined]
             rotary += 1
     if norms or rotary:
-        log.info("fused %d RMSNorms and %d rotary attentions", norms, rotary)
+        log.info("fused layers: %d RMSNorms, %d GLM rotary attentions", norms, rotary)
     return {"rmsnorm": norms, "rotary": rotary}

@@ -43,11 +43,11 @@ def load_model(
     layers over the visible GPUs instead of putting the model on ``device``.
     ``cpu_linear`` (``--cpu-linear``): ``onednn`` packs an fp32 CPU model's linears for oneDNN
     (:mod:`.cpu_linear`), ``auto`` does on x86-64, ``torch`` leaves them as they are.
-    ``fused_layers`` (``--fused-layers``): the standard RMSNorms and GLM rotary become
-    :mod:`.fused_layers`' (fewer kernel launches; bit-identical in fp32)."""
+    ``fused_layers`` (``--fused-layers``): the GLM rotary, and on CUDA the standard RMSNorms,
+    become :mod:`.fused_layers`' (fewer kernel launches; bit-identical in fp32)."""
     loaded = _load(model, device, dtype_name, max_model_len, quantize, device_map)
     if fused_layers:
-        fuse_layers(loaded.model)
+        fuse_layers(loaded.model, rmsnorm=loaded.device.type == "cuda")
     wanted = cpu_linear == "onednn" or (cpu_linear == "auto" and packs_by_default())
     if wanted and loaded.device.type == "cpu" and loaded.dtype == torch.float32:
         if onednn_available():
