@@ -104,6 +104,16 @@ def test_bf16_norm_is_within_one_ulp() -> None:
     assert ((a - b).abs() <= ulp).all()
 
 
+def test_norm_with_another_dtype_than_its_input_is_transformers_own() -> None:
+    """An fp32 weight over bf16 states: transformers promotes to fp32; so does the fused one."""
+    norm = GlmRMSNorm(64, eps=1e-5)
+    norm.weight.data = torch.randn(64)
+    x = (torch.randn(3, 5, 64) * 4).to(torch.bfloat16)
+    out = FusedRMSNorm(norm.weight, norm.variance_epsilon)(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, norm(x))
+
+
 def test_leaves_other_norms_and_hooked_modules_alone() -> None:
     class OtherNorm(nn.Module):  # Gemma-style: (1 + weight), not the standard formula
         def __init__(self) -> None:

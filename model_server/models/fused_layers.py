@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 __all__ = ["FusedRMSNorm", "GlmFusedRotaryAttention", "fuse_layers"]
 
 
-def _standard_rmsnorm_source() -> str:
-    return inspect.getsource(LlamaRMSNorm.forward)
-
-
 class FusedRMSNorm(nn.Module):
     """transformers' standard RMSNorm as one ``F.rms_norm`` call, sharing the weight."""
 
@@ -61,10 +57,8 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.dtype != self.weight.dtype:
-            # transformers' result takes the promoted dtype; keep its arithmetic exactly.
-            h = hidden_states.to(torch.float32)
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return self.weight * h.to(hidden_states.dtype)
+            # transformers' result takes the promoted dtype: run its own (identical) forward.
+            return LlamaRMSNorm.forward(self, hidden_states)  # type: ignore[arg-type]
         return F.rms_norm(hidden_states, self._shape, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
@@ -165,27 +159,26 @@ def _hooked(module: nn.Module) -> bool:
     return hasattr(module, "_hf_hook")
 
 
+def _source(function: object) -> str | None:
+    try:
+        return inspect.getsource(function)  # type: ignore[arg-type]
+    except (OSError, TypeError):  # built-in or generated code: not the standard RMSNorm
+        return None
+
+
 def fuse_layers(model: nn.Module, rmsnorm: bool = True) -> dict[str, int]:
     """Swaps in :class:`GlmFusedRotaryAttention`, and :class:`FusedRMSNorm` when ``rmsnorm``,
     where they compute the same thing; returns how many modules of each kind changed."""
-    standard = _standard_rmsnorm_source()
+    standard = inspect.getsource(LlamaRMSNorm.forward)
     norms = 0
     for parent in list(model.modules()) if rmsnorm else []:
         for name, child in list(parent.named_children()):
-            forward = getattr(type(child), "forward", None)
             if (
-                _hooked(child)
-                or not isinstance(getattr(child, "weight", None), nn.Parameter)
-                or not hasattr(child, "variance_epsilon")
-                or forward is None
-                or forward is FusedRMSNorm.forward
+                not _hooked(child)
+                and isinstance(getattr(child, "weight", None), nn.Parameter)
+                and hasattr(child, "variance_epsilon")
+                and _source(type(child).forward) == standard
             ):
-                continue
-            try:
-                same = inspect.getsource(forward) == standard
-            except (OSError, TypeError):
-                same = False
-            if same:
                 setattr(parent, name, FusedRMSNorm(child.weight, child.variance_epsilon))
                 norms += 1
     rotary = 0
