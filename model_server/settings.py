@@ -165,7 +165,7 @@ class Settings:
         flag="--max-stream-backlog",
         env="GLMSERVE_MAX_STREAM_BACKLOG",
         help="a stream whose client leaves this many outputs unread is paused: its seat, "
-        "compute and KV are freed (full blocks stay in the prefix cache) until the client has "
+        "compute and KV are freed (its blocks stay in the prefix cache) until the client has "
         "read all but a quarter of them; `0`: never pause",
     )
     step_timeout_seconds: float = setting(

@@ -62,6 +62,29 @@ async def test_prefix_caching_gives_identical_greedy_output_and_hits_across_turn
     assert hits[True] > 0.5 * engine.scheduler.prefix_queries
 
 
+async def test_the_next_turn_finds_the_previous_one_to_its_last_computed_token(tiny):
+    """A reply rarely ends on a block boundary: its last, partial block is cached too, so the
+    next turn recomputes only what is new (the reply's last token, which was sampled but
+    never fed, and the new message) and still gets the tokens of no cache."""
+    prompt = tiny.chat_format.render([ChatMessage("user", "Tell me about topic 3")])
+    outputs, hits = {}, {}
+    for caching in (False, True):
+        engine = Engine(tiny, EngineConfig(prefix_caching=caching, block_size=8))
+        engine.start()
+        try:
+            reply = await asyncio.wait_for(_generate(engine, prompt, 12, "first"), 60)
+            computed = len(prompt) + len(reply) - 1
+            assert computed % 8, "the test needs a reply that ends mid-block"
+            before = engine.scheduler.prefix_hits
+            follow = prompt + reply + prompt[-6:]
+            outputs[caching] = await asyncio.wait_for(_generate(engine, follow, 6, "next"), 60)
+            hits[caching] = engine.scheduler.prefix_hits - before
+        finally:
+            engine.shutdown()
+    assert outputs[True] == outputs[False]
+    assert hits == {False: 0, True: computed}
+
+
 async def test_preemption_storm_keeps_every_token(tiny):
     """A pool so small that 12 concurrent requests preempt each other over and over: every
     reply still equals its solo run, token for token."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from model_server.engine.blocks import PrefixIndex, chain_hashes
+from model_server.engine.blocks import PrefixIndex, chain_hashes, tail_hash
 from model_server.engine.scheduler import Scheduler, SchedulerConfig
 
 BS = 4
@@ -190,6 +190,35 @@ def test_aborts_are_by_identity_not_request_id():
         sched.add(s)
     assert sched.remove({id(b)}) == [b]
     assert list(sched.waiting) == [a]
+
+
+def test_the_partial_block_an_earlier_request_ended_with_is_found_after_its_full_blocks():
+    """The next turn of a chat starts with the previous turn's whole conversation, which
+    rarely ends on a block boundary."""
+    sched, memory = make(prefix=True)
+    earlier = list(range(100, 110))  # 2 full blocks + 2 tokens
+    full = chain_hashes(earlier, BS)
+    for h in full:
+        sched.prefix.insert(h, "full")
+    sched.prefix.insert(tail_hash(full[-1], earlier[8:]), "tail")
+    sched.prefix.insert(tail_hash(full[-1], earlier[8:9]), "shorter tail")
+    sched.prefix.insert(tail_hash(None, [5, 6]), "root tail")
+    next_turn = FakeSeq("next", earlier + [1, 2, 3])
+    diverged = FakeSeq("diverged", earlier[:9] + [0, 1, 2])  # only the shorter one holds
+    just_it = FakeSeq("same", list(earlier))  # its last token is computed: the tail is too long
+    short = FakeSeq("short", [5, 6, 7])
+    other_parent = FakeSeq("other", [0] + earlier[1:] + [1])
+    for s in (next_turn, diverged, just_it, short, other_parent):
+        sched.add(s)
+    sched.admit()
+    assert (next_turn.prefix_hit, next_turn.num_computed) == (["full", "full", "tail"], 10)
+    assert (diverged.prefix_hit, diverged.num_computed) == (["full", "full", "shorter tail"], 9)
+    assert (just_it.prefix_hit, just_it.num_computed) == (["full", "full", "shorter tail"], 9)
+    assert (short.prefix_hit, short.num_computed) == (["root tail"], 2)
+    assert (other_parent.prefix_hit, other_parent.num_computed) == ([], 0)
+    assert sched.prefix_hits == 10 + 9 + 9 + 2
+    # A tail never stands for a full block of the same tokens.
+    assert tail_hash(None, earlier[:BS]) != full[0]
 
 
 def test_chain_hashes_extend_and_depend_on_everything_before():

@@ -147,7 +147,9 @@ def no_ui_bridge(s: Stack) -> Iterator[str]:
 # ====================================================================== browser
 
 
-@pytest.fixture(scope="session")
+# Per module: playwright's sync API holds an event loop on this thread until it stops, and
+# asyncio.run() refuses to start under it (a session-wide browser broke every later test).
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")

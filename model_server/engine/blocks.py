@@ -6,6 +6,12 @@ block ``k`` means the whole prefix up to block ``k`` is identical (as in vLLM). 
 BLAKE2b-128 over the parent digest and the token ids: an accidental collision would hand one
 user another user's KV, so Python's 64-bit ``hash`` is not enough.
 
+A request that ends mid-block (a chat reply rarely ends on a block boundary) also leaves
+its last, partial block, named by ``tail_hash``: the parent's hash and the partial block's
+own tokens, in a domain of its own so it never equals a full block's name. The next turn of
+that chat starts with those tokens, so it finds the whole conversation so far, not only its
+full blocks.
+
 Unreferenced blocks are evicted least-recently-used first. In this engine a cached block is
 never referenced by a running request (its KV is copied into the request's row when it is
 admitted), so every cached block can be evicted at any time.
@@ -35,6 +41,14 @@ def chain_hashes(
     return out
 
 
+def tail_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """Name of a partial block (fewer than ``block_size`` tokens) after the chain of full
+    blocks that ends at ``parent`` (None: at the start)."""
+    h = hashlib.blake2b(parent or b"glmserve", digest_size=16, person=b"glmserve-tail")
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
+
+
 class PrefixIndex(Generic[V]):
     """Chain hash → cached block, in least-recently-used order."""
 
@@ -57,6 +71,13 @@ class PrefixIndex(Generic[V]):
             self._blocks.move_to_end(h)
             found.append(value)
         return found
+
+    def get(self, block_hash: bytes) -> V | None:
+        """One cached block (marked as used), or None."""
+        value = self._blocks.get(block_hash)
+        if value is not None:
+            self._blocks.move_to_end(block_hash)
+        return value
 
     def insert(self, block_hash: bytes, value: V) -> None:
         self._blocks[block_hash] = value

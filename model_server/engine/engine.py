@@ -424,12 +424,12 @@ class Engine:
         self._publish()
 
     def _park(self, seq: Sequence, leaving: dict[int, tuple[Lane, list[Sequence]]]) -> None:
-        """Frees a paused request's seat and KV. A running row's full blocks go to the prefix
-        cache first, so resuming recomputes only its last, partial block; the row itself is
-        added to ``leaving`` (by lane), for the caller to remove."""
+        """Frees a paused request's seat and KV. A running row's blocks (its last, partial one
+        too) go to the prefix cache first, so resuming recomputes only its last token; the
+        row itself is added to ``leaving`` (by lane), for the caller to remove."""
         if seq.state == "running":
             lane = self.kv.lane_of(seq)
-            self._cache_prefix(seq, lane.cache, lane.mask, lane.rows.index(seq))
+            self._cache_prefix(seq, lane.cache, lane.mask, lane.rows.index(seq), final=True)
             leaving.setdefault(id(lane), (lane, []))[1].append(seq)
         elif seq.state == "prefilling":
             self.kv.drop_pending(seq)
@@ -563,6 +563,8 @@ class Engine:
             # Cached now, not when it finishes: a shared system prompt helps the next request.
             self._cache_prefix(s, cache, mask, i)
             if self._append(s, token, result.logprobs.get(i)):
+                if not s.failed:
+                    self._cache_prefix(s, cache, mask, i, final=True)
                 self.scheduler.finished(s)
             else:
                 joining.append(i)
@@ -605,7 +607,7 @@ class Engine:
             if i in unscored:
                 self._end([s], RowFailedError(NON_FINITE_PROMPT))
             elif s.params.max_tokens == 0:
-                self._cache_prefix(s, cache, mask, i)
+                self._cache_prefix(s, cache, mask, i, final=True)
                 self.scheduler.finished(s)
                 s.finish_scored()
             else:
@@ -617,18 +619,29 @@ class Engine:
         return [group[i] for i in keep], cache, mask, logits[rows.to(logits.device)]
 
     def _cache_prefix(
-        self, seq: Sequence, cache: kv.GrowableCache, mask: torch.Tensor, row: int
+        self,
+        seq: Sequence,
+        cache: kv.GrowableCache,
+        mask: torch.Tensor,
+        row: int,
+        final: bool = False,
     ) -> None:
-        """Keeps the request's full blocks for later requests with the same prefix, evicting
+        """Keeps the request's full blocks for later requests with the same prefix, and when
+        the row is ``final`` (it leaves) its last, partial block too, evicting
         least-recently-used blocks for room (never preempting anyone for it)."""
         if self.prefix is None:
             return
-        want = seq.num_computed // self.config.block_size - seq.cached_blocks
+        bs = self.config.block_size
+        want = seq.num_computed // bs - seq.cached_blocks
+        if final and seq.num_computed % bs:
+            want += 1
         if want <= 0:
             return
         self.scheduler.free_up(want)
         try:
-            self.kv.cache_prefix(seq, cache, mask, row, min(want, self.scheduler.available()))
+            self.kv.cache_prefix(
+                seq, cache, mask, row, min(want, self.scheduler.available()), final
+            )
         except Exception:  # noqa: BLE001 - caching is an optimisation, never a failure
             log.exception("prefix caching failed; continuing without it for this request")
 
@@ -685,7 +698,7 @@ class Engine:
                 s.abort(RowFailedError(result.failed[i]))
             elif self._append(s, token, result.logprobs.get(i)):
                 if not s.failed:
-                    self._cache_prefix(s, lane.cache, lane.mask, i)
+                    self._cache_prefix(s, lane.cache, lane.mask, i, final=True)
                 done.append(s)
         if done:
             self.kv.leave(lane, done)

@@ -249,7 +249,8 @@ def extract_blocks(
 ) -> list[torch.Tensor]:
     """Copies whole blocks of one row out of a batch cache: one ``[layers, 2, heads,
     block_size, head_dim]`` tensor per block (each its own allocation, so evicting a block
-    frees exactly its memory), on the first layer's device."""
+    frees exactly its memory), on the first layer's device. A partial block is one block
+    of its own size."""
     n = columns.numel() // block_size
     if n == 0:
         return []
@@ -279,10 +280,10 @@ def cache_from_blocks(
     spare: int = GROW_TOKENS,
     devices: Sequence[torch.device] | None = None,
 ) -> GrowableCache:
-    """A one-row cache holding the given consecutive blocks (a prefix-cache hit), with room
-    for ``spare`` more positions (the rest of the prompt: no growth copy when it is computed),
-    on ``devices[layer]`` when given (blocks live on the first layer's device), else on the
-    blocks' device.
+    """A one-row cache holding the given consecutive blocks (a prefix-cache hit; the last
+    may be a partial block, with fewer positions), with room for ``spare`` more positions
+    (the rest of the prompt: no growth copy when it is computed), on ``devices[layer]`` when
+    given (blocks live on the first layer's device), else on the blocks' device.
 
     Consecutive layers share one allocation (a slab ``[layers, 2, 1, heads, capacity,
     head_dim]`` of at most ``SLAB_BYTES``) and each block is copied into a slab in one strided
@@ -291,9 +292,10 @@ def cache_from_blocks(
     Slabs stay small so that freed ones go back to the allocator's heap and the next hit
     reuses their pages (see ``hostmem``) instead of faulting in fresh ones. A layer that grows
     later moves to buffers of its own; its slab goes when its last layer has moved."""
-    n = len(blocks)
-    num_layers, _, h, bs, d = blocks[0].shape
-    capacity = n * bs + spare
+    sizes = [b.shape[3] for b in blocks]  # block_size each, a partial last block fewer
+    filled_to = sum(sizes)
+    num_layers, _, h, _, d = blocks[0].shape
+    capacity = filled_to + spare
     layer_bytes = 2 * h * capacity * d * blocks[0].element_size()
     per_slab = max(1, SLAB_BYTES // layer_bytes)
     placed = [blocks[0].device if devices is None else devices[li] for li in range(num_layers)]
@@ -304,7 +306,7 @@ def cache_from_blocks(
         while end < num_layers and end - start < per_slab and placed[end] == placed[start]:
             end += 1
         slab = blocks[0].new_empty(end - start, 2, 1, h, capacity, d, device=placed[start])
-        filled = slab[:, :, 0, :, : n * bs].unflatten(3, (n, bs)).unbind(3)
+        filled = slab[:, :, 0, :, :filled_to].split(sizes, dim=3)
         whole = start == 0 and end == num_layers
         torch._foreach_copy_(list(filled), blocks if whole else [b[start:end] for b in blocks])
         for j in range(end - start):
@@ -313,7 +315,7 @@ def cache_from_blocks(
             keys, values = slab[j, 0].detach(), slab[j, 1].detach()
             layer = GrowableLayer()
             layer.lazy_initialization(keys, values)
-            layer.set_buffers(keys, values, n * bs)
+            layer.set_buffers(keys, values, filled_to)
             layers.append(layer)
         start = end
     return GrowableCache(layers)

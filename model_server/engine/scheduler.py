@@ -9,8 +9,9 @@ It decides; the engine loop carries the decisions out on the KV store and the mo
   also keeps the running lanes' next growth free, so a newcomer does not immediately force a
   preemption.
 - **Prefix caching**: at admission the request's full prompt blocks are looked up in the
-  prefix index; the hit is loaded instead of recomputed (at least one token is always
-  computed, so there are logits to sample from).
+  prefix index, then the partial block an earlier request may have ended with right after
+  them (the previous turn of a chat); the hit is loaded instead of recomputed (at least one
+  token is always computed, so there are logits to sample from).
 - **Prefill** runs under a per-step token budget: the oldest admitted prompt plus prompts of
   similar remaining length, while ``rows x longest`` (padding is compute too) fits; a longer
   prompt is prefilled alone in chunks.
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .blocks import PrefixIndex, chain_hashes
+from .blocks import PrefixIndex, chain_hashes, tail_hash
 
 
 class SchedSeq(Protocol):
@@ -42,7 +43,7 @@ class SchedSeq(Protocol):
     admitted_order: int
     reserved_blocks: int
     block_hashes: list[bytes]
-    prefix_hit: list[Any]  # cached blocks to load at admission (handed to the KV store)
+    prefix_hit: list[Any]  # cached blocks to load at admission (the last may be partial)
     scores_prompt: bool  # needs every prompt position's logits: nothing from the prefix cache
 
     @property
@@ -213,9 +214,7 @@ class Scheduler:
             if not self.free_up(cost + self.memory.growth_reserve()):
                 break
             self.waiting.popleft()
-            hit = self._lookup(seq)
-            seq.prefix_hit = hit
-            seq.num_computed = len(hit) * self.config.block_size
+            seq.prefix_hit, seq.num_computed = self._lookup(seq)
             seq.reserved_blocks = cost
             seq.admitted_order = next(self._order)
             seq.state = "prefilling"
@@ -223,17 +222,28 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
-    def _lookup(self, seq: SchedSeq) -> list[Any]:
+    def _lookup(self, seq: SchedSeq) -> tuple[list[Any], int]:
+        """The cached blocks of the request's longest cached prefix, and the tokens they
+        hold: full blocks, then possibly the partial block an earlier request ended with."""
         tokens = seq.tokens
         if self.prefix is None or seq.scores_prompt:
-            return []
+            return [], 0
         bs = self.config.block_size
         # The last token is always computed: its logits pick the next token.
-        seq.block_hashes = chain_hashes(tokens[: len(tokens) - 1], bs, seq.block_hashes)
+        last = len(tokens) - 1
+        seq.block_hashes = chain_hashes(tokens[:last], bs, seq.block_hashes)
         hit = self.prefix.match(seq.block_hashes)
+        found = len(hit) * bs
+        parent = seq.block_hashes[len(hit) - 1] if hit else None
+        for size in range(min(bs - 1, last - found), 0, -1):  # the longest partial block
+            tail = self.prefix.get(tail_hash(parent, tokens[found : found + size]))
+            if tail is not None:
+                hit.append(tail)
+                found += size
+                break
         self.prefix_queries += len(tokens)
-        self.prefix_hits += len(hit) * bs
-        return hit
+        self.prefix_hits += found
+        return hit, found
 
     def next_prefill(self) -> list[tuple[SchedSeq, int]]:
         """This step's prefill work as (request, tokens to compute now).

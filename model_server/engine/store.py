@@ -10,7 +10,8 @@ It holds three things:
 - **prefill caches** of admitted requests not yet in a lane (a prefix-cache hit, the chunks
   of a long prompt);
 - **prefix blocks**: copies of full blocks of finished (and freshly prefilled) requests,
-  keyed by their chain hash, for later requests that share the prefix.
+  keyed by their chain hash, and of the partial block a finished request ends with, for
+  later requests that share the prefix.
 
 Everything is counted in blocks of ``block_size`` tokens from the real allocation sizes
 (padding, spare room and rows kept after a leave included), so the ``MemoryModel`` the
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import hostmem, kv
-from .blocks import PrefixIndex, chain_hashes
+from .blocks import PrefixIndex, chain_hashes, tail_hash
 from .sampling import PenaltyState
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class KVStore:
 
     def load_prefix(self, seq: Sequence, blocks: list[torch.Tensor]) -> None:
         """A prefix-cache hit becomes the request's prefill cache."""
-        n = len(blocks) * self.block_size
+        n = seq.num_computed  # the blocks' positions (the last block may be partial)
         cache = kv.cache_from_blocks(
             blocks, spare=seq.num_tokens - n + kv.GROW_TOKENS, devices=self._layer_devices
         )
@@ -237,32 +238,55 @@ class KVStore:
     # ---- prefix cache ----------------------------------------------------------------------
 
     def cache_prefix(
-        self, seq: Sequence, cache: kv.GrowableCache, mask: torch.Tensor, row: int, room: int
+        self,
+        seq: Sequence,
+        cache: kv.GrowableCache,
+        mask: torch.Tensor,
+        row: int,
+        room: int,
+        final: bool = False,
     ) -> None:
         """Copies the request's full blocks that are not cached yet (at most ``room``) out of
-        row ``row`` of a batch cache into the prefix cache."""
+        row ``row`` of a batch cache into the prefix cache; when the row is ``final`` (it
+        leaves), its last, partial block too, once every full block before it is cached."""
         if self.prefix is None or room <= 0:
             return
         bs = self.block_size
         full = seq.num_computed // bs
-        if full <= seq.cached_blocks:
+        if full > seq.cached_blocks:
+            seq.block_hashes = chain_hashes(seq.tokens[: full * bs], bs, seq.block_hashes[:full])
+            start = seq.cached_blocks
+            while start < full and seq.block_hashes[start] in self.prefix:
+                start += 1  # another request cached it meanwhile
+            end = min(full, start + room)
+            if end > start:
+                self._insert(seq.block_hashes[start:end], cache, mask, row, start * bs, bs)
+            room -= end - start
+            seq.cached_blocks = end
+        size = seq.num_computed - full * bs
+        if not (final and size and seq.cached_blocks == full and room > 0):
             return
-        seq.block_hashes = chain_hashes(seq.tokens[: full * bs], bs, seq.block_hashes[:full])
-        start = seq.cached_blocks
-        while start < full and seq.block_hashes[start] in self.prefix:
-            start += 1  # another request cached it meanwhile
-        end = min(full, start + room)
-        if end <= start:
-            seq.cached_blocks = start
-            return
-        columns = kv.row_columns(mask[row])[start * bs : end * bs]
+        parent = seq.block_hashes[full - 1] if full else None
+        name = tail_hash(parent, seq.tokens[full * bs : seq.num_computed])
+        if name not in self.prefix:
+            self._insert([name], cache, mask, row, full * bs, size)
+
+    def _insert(
+        self,
+        names: list[bytes],
+        cache: kv.GrowableCache,
+        mask: torch.Tensor,
+        row: int,
+        first: int,
+        size: int,
+    ) -> None:
+        """Copies ``len(names)`` blocks of ``size`` positions, from the row's position
+        ``first`` on, into the prefix cache."""
+        columns = kv.row_columns(mask[row])[first : first + len(names) * size]
         if self._layer_devices is None:  # fixed for the run: where hits must put each layer
             self._layer_devices = kv.layer_devices(cache)
-        for h, block in zip(
-            seq.block_hashes[start:end], kv.extract_blocks(cache, row, columns, bs)
-        ):
-            self.prefix.insert(h, block)
-        seq.cached_blocks = end
+        for name, block in zip(names, kv.extract_blocks(cache, row, columns, size)):
+            self.prefix.insert(name, block)
 
 
 def _first_columns(mask: torch.Tensor) -> list[int]:
