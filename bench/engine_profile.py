@@ -12,6 +12,10 @@ Two parts, on the embedded model (or ``--model``), with no gRPC or HTTP in the w
   prefix-cache copy-in, forward and copy-out, and the page faults the engine thread took
   during turn 16 (fresh memory costs more than the copy itself). Alternating puts both under
   the same machine load.
+- **shortturns**: an agent-like chat of short turns (a one-line request, a 24-token reply),
+  on fresh engines alternated with and without the partial-block hits of the prefix cache
+  (``blocks.tail_hash``; without them a turn recomputes the part of the previous reply that
+  ends mid-block); tokens computed and TTFT per turn.
 
 Prints tables and a ``BENCH_JSON`` line. Run it under ``flock -x /tmp/bench.lock`` on a shared box.
 """
@@ -35,6 +39,7 @@ from bench.prompts import prompts
 from bench.scenarios import TURN_REPLY_TOKENS, TURNS, turn_text
 from model_server.engine import engine as engine_mod
 from model_server.engine import runner as runner_mod
+from model_server.engine import scheduler as scheduler_mod
 from model_server.engine import store as store_mod
 from model_server.engine.engine import Engine, EngineConfig
 from model_server.engine.types import GenerationRequest, SamplingParams
@@ -180,6 +185,62 @@ async def turns(engine: Engine, timers: Timers, reps: int) -> dict[str, Any]:
     }
 
 
+SHORT_TURNS, SHORT_REPLY_TOKENS = 20, 24
+
+
+async def _short_chat(loaded: LoadedModel, partial_blocks: bool) -> list[tuple[int, float]]:
+    """(tokens computed, TTFT) of each turn of one short-turn chat on a fresh engine."""
+    real = scheduler_mod.tail_hash
+    if not partial_blocks:  # lookups name no block the store caches
+        scheduler_mod.tail_hash = lambda parent, tokens: b"no partial blocks"
+    try:
+        engine = await _started(loaded)
+        try:
+            fmt, tok = loaded.chat_format, loaded.tokenizer
+            history: list[ChatMessage] = []
+            rows = []
+            for k in range(SHORT_TURNS):
+                history.append(ChatMessage("user", f"Step {k}: run the tool on file {k * 13}.txt"))
+                ids = fmt.render(history)
+                found = engine.scheduler.prefix_hits
+                ttft, out = await _generate(engine, ids, SHORT_REPLY_TOKENS, f"s{k}")
+                rows.append((len(ids) - (engine.scheduler.prefix_hits - found), ttft))
+                history.append(ChatMessage("assistant", tok.decode(out)))
+            return rows
+        finally:
+            engine.shutdown()
+    finally:
+        scheduler_mod.tail_hash = real
+
+
+async def short_turns(loaded: LoadedModel, reps: int) -> dict[str, Any]:
+    runs: dict[str, list[list[tuple[int, float]]]] = {"without": [], "with": []}
+    for _ in range(reps):
+        for variant in runs:
+            runs[variant].append(await _short_chat(loaded, variant == "with"))
+
+    def summary(rows: list[tuple[int, float]]) -> dict[str, float]:
+        later = rows[1:]  # turn 1 finds nothing either way
+        return {
+            "computed_per_turn": statistics.mean(n for n, _ in later),
+            "ttft_median_s": statistics.median(t for _, t in later),
+        }
+
+    return {v: [summary(r) for r in rs] for v, rs in runs.items()}
+
+
+def _print_short_turns(t: dict[str, Any]) -> None:
+    print(f"short turns ({SHORT_TURNS} turns, {SHORT_REPLY_TOKENS}-token replies; turns 2..)")
+    print("| partial-block hits | rep | tokens computed per turn | median TTFT ms |")
+    print("|---|---:|---:|---:|")
+    for variant, runs in t.items():
+        for i, r in enumerate(runs):
+            print(
+                f"| {variant} | {i} | {r['computed_per_turn']:.1f} | "
+                f"{r['ttft_median_s'] * 1e3:.0f} |"
+            )
+
+
 def _print_levels(rows: list[dict[str, Any]]) -> None:
     print("| c | tokens | tok/s | " + " | ".join(label for *_, label in TIMED) + " |")
     print("|---:" * (3 + len(TIMED)) + "|")
@@ -225,32 +286,46 @@ def _load_as_the_server_does(model: str) -> LoadedModel:
     return box[0]
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    loaded = _load_as_the_server_does(args.model)
+async def _started(loaded: LoadedModel) -> Engine:
+    """A started, warmed-up engine with the same settings for every part."""
     engine = Engine(loaded, EngineConfig(prefill_chunk_tokens=256, kv_cache_tokens=65536))
     engine.start()
-    timers, result = Timers(), {}
-    try:
-        await _generate(engine, loaded.chat_format.render([ChatMessage("user", "hi")]), 8, "w")
-        with timers.active():
-            if "levels" in args.parts:
-                result["levels"] = await levels(engine, timers, args.max_tokens, args.c1_requests)
-                _print_levels(result["levels"])
-            if "turns" in args.parts:
-                result["turns"] = await turns(engine, timers, args.reps)
-                _print_turns(result["turns"])
-    finally:
-        engine.shutdown()
+    await _generate(engine, loaded.chat_format.render([ChatMessage("user", "hi")]), 8, "w")
+    return engine
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    loaded = _load_as_the_server_does(args.model)
+    result: dict[str, Any] = {}
+    if args.parts & {"levels", "turns"}:
+        engine, timers = await _started(loaded), Timers()
+        try:
+            with timers.active():
+                if "levels" in args.parts:
+                    result["levels"] = await levels(
+                        engine, timers, args.max_tokens, args.c1_requests
+                    )
+                    _print_levels(result["levels"])
+                if "turns" in args.parts:
+                    result["turns"] = await turns(engine, timers, args.reps)
+                    _print_turns(result["turns"])
+        finally:
+            engine.shutdown()
+    if "shortturns" in args.parts:
+        result["shortturns"] = await short_turns(loaded, args.reps)
+        _print_short_turns(result["shortturns"])
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--parts", default="levels,turns", help="comma-separated: levels, turns")
+    p.add_argument(
+        "--parts", default="levels,turns", help="comma-separated: levels, turns, shortturns"
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="levels: reply length")
     p.add_argument("--c1-requests", type=int, default=4, help="levels: requests at c=1")
-    p.add_argument("--reps", type=int, default=5, help="turns: alternations")
+    p.add_argument("--reps", type=int, default=5, help="turns, shortturns: alternations")
     args = p.parse_args(argv)
     args.parts = set(args.parts.split(","))
     torch.set_grad_enabled(False)
