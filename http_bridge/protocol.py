@@ -18,6 +18,7 @@ finite, strings and arrays to sizes the model server can take. What JSON itself 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -529,10 +530,30 @@ class ChatCompletionRequest(_Strict):
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # served from the model server's prefix cache, not computed
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, prompts: Iterable[tuple[int, int]], completion_tokens: int) -> Usage:
+        """One call's usage from each prompt's (tokens, cached tokens), counted once however
+        many choices share it, and all choices' completion tokens."""
+        counted = list(prompts)
+        prompt_tokens = sum(tokens for tokens, _ in counted)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(cached for _, cached in counted)
+            ),
+        )
 
 
 class TopLogprob(BaseModel):

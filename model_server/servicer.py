@@ -163,6 +163,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                             msg.finish_reason = chat_pb2.FINISH_REASON_TOOL_CALLS
                     msg.usage.prompt_tokens = out.usage.prompt_tokens
                     msg.usage.completion_tokens = out.usage.completion_tokens
+                    msg.usage.cached_prompt_tokens = out.usage.cached_prompt_tokens
                 yield msg
         finally:
             # Cancelled, deadline passed, or the client went away: free the slot at once.

@@ -122,6 +122,8 @@ def test_non_stream(client: openai.OpenAI, model_id: str) -> None:
     assert usage is not None and usage.prompt_tokens > 0
     assert usage.completion_tokens == 6 or choice.finish_reason == "stop"
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details is not None
+    assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
     # The SDK's own message object goes back into the conversation as-is.
     follow_up = client.chat.completions.create(
         model=model_id,
@@ -129,6 +131,23 @@ def test_non_stream(client: openai.OpenAI, model_id: str) -> None:
         max_tokens=2,
     )
     assert follow_up.usage is not None and follow_up.usage.prompt_tokens > usage.prompt_tokens
+
+
+def test_the_next_turn_reports_the_conversation_so_far_as_cached(
+    client: openai.OpenAI, model_id: str
+) -> None:
+    """usage.prompt_tokens_details.cached_tokens: what the model server's prefix cache held."""
+    turn = [{"role": "user", "content": "Cached tokens, turn one: list some colours."}]
+    first = client.chat.completions.create(model=model_id, messages=turn, max_tokens=8)
+    turn += [first.choices[0].message, {"role": "user", "content": "And turn two?"}]
+    second = client.chat.completions.create(model=model_id, messages=turn, max_tokens=2)
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # At least turn one's prompt in full blocks of 16 (the random reply need not re-tokenize
+    # to the tokens it was generated as), never the last token, which is always computed.
+    assert first.usage.prompt_tokens >= 16
+    assert first.usage.prompt_tokens // 16 * 16 <= cached < second.usage.prompt_tokens
 
 
 def test_same_seed_same_reply(client: openai.OpenAI, model_id: str) -> None:
@@ -167,6 +186,8 @@ async def test_async_stream_n2_include_usage(bridge: Proc, model_id: str) -> Non
     assert last.choices == [] and last.usage is not None
     assert last.usage.completion_tokens == 10  # 2 choices x max_tokens
     assert last.usage.total_tokens == last.usage.prompt_tokens + 10
+    details = last.usage.prompt_tokens_details
+    assert details is not None and 0 <= (details.cached_tokens or 0) < last.usage.prompt_tokens
     assert all(c.usage is None for c in body)
 
 

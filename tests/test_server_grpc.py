@@ -100,6 +100,22 @@ def test_greedy_is_deterministic_and_seed_reproducible(tiny):
     assert a != run(temperature=1.0, seed=4321)
 
 
+def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(tiny):
+    stub = stub_for(tiny)
+    conversation = [("system", "You count cached tokens."), ("user", "Cache test: a colour?")]
+
+    def usage(messages: list[tuple[str, str]]) -> chat_pb2.Usage:
+        request = chat_request(messages=messages, max_tokens=9, temperature=0, ignore_eos=True)
+        return collect(stub.Chat(request))[1][-1].usage
+
+    first, again = usage(conversation), usage(conversation)
+    assert first.cached_prompt_tokens == 0  # nobody sent this prompt before
+    # The same prompt again: its full blocks (16 tokens each), short of the last token, which
+    # is always computed.
+    assert first.prompt_tokens > 16
+    assert again.cached_prompt_tokens == (again.prompt_tokens - 1) // 16 * 16
+
+
 def test_concurrent_requests_match_solo_greedy(tiny):
     """Different prompts and lengths in one batch: each gets exactly its solo output."""
     stub = stub_for(tiny)

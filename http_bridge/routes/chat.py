@@ -528,7 +528,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return SSEResponse(stream.events(), headers, write_timeout, request_id)
 
     choices = []
-    prompt_tokens = completion_tokens = 0
+    prompt: tuple[int, int] | None = None  # the choices share it: counted once
+    completion_tokens = 0
     for i, got in enumerate(results):
         last = got.last
         calls = tool_calls_of(last)
@@ -544,18 +545,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 ),
             )
         )
-        prompt_tokens = prompt_tokens or last.usage.prompt_tokens  # the prompt is shared
+        prompt = prompt or (last.usage.prompt_tokens, last.usage.cached_prompt_tokens)
         completion_tokens += last.usage.completion_tokens
     completion = ChatCompletion(
         id=completion_id,
         created=created,
         model=model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
+        usage=Usage.of([prompt] if prompt else [], completion_tokens),
     )
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
@@ -729,7 +726,8 @@ class ChatStream:
             queue.put_nowait((0, _shutting_down()))
 
         self.drain.add(stop)
-        prompts: dict[int, int] = {}  # prompt tokens, counted once per distinct prompt
+        # Per distinct prompt, counted once: (tokens, cached tokens) of its first choice to end.
+        prompts: dict[int, tuple[int, int]] = {}
         try:
             for i in range(n):
                 opening = self._opening(i)
@@ -755,17 +753,14 @@ class ChatStream:
                     yield chunk
                 if item.finish_reason in _FINISH:
                     finished[i] = True
-                    prompts[self.prompt_of(i)] = item.usage.prompt_tokens
+                    prompts.setdefault(
+                        self.prompt_of(i),
+                        (item.usage.prompt_tokens, item.usage.cached_prompt_tokens),
+                    )
                     completion_tokens += item.usage.completion_tokens
                     yield self._finish_chunk(i, _FINISH[item.finish_reason])
             if self.include_usage:
-                prompt_tokens = sum(prompts.values())
-                usage = Usage(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                )
-                yield self._chunk([], usage)
+                yield self._chunk([], Usage.of(prompts.values(), completion_tokens))
             yield _DONE
         except Exception as err:  # noqa: BLE001 - after the 200, errors travel in-band
             api_error = self.calls.error(err)

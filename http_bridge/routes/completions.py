@@ -171,7 +171,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         return SSEResponse(stream.events(), headers, write_timeout, request_id)
 
     choices = []
-    prompt_tokens: dict[int, int] = {}
+    prompt_tokens: dict[int, tuple[int, int]] = {}  # each prompt counted once
     completion_tokens = 0
     for i, got in enumerate(results):
         echo = echo_text(prompts[i], got.prompt_text) if body.echo else ""
@@ -187,19 +187,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
                 ),
             )
         )
-        prompt_tokens[i // n] = got.last.usage.prompt_tokens
-        completion_tokens += got.last.usage.completion_tokens
-    total_prompt = sum(prompt_tokens.values())
+        usage = got.last.usage
+        prompt_tokens.setdefault(i // n, (usage.prompt_tokens, usage.cached_prompt_tokens))
+        completion_tokens += usage.completion_tokens
     completion = Completion(
         id=completion_id,
         created=created,
         model=model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=total_prompt,
-            completion_tokens=completion_tokens,
-            total_tokens=total_prompt + completion_tokens,
-        ),
+        usage=Usage.of(prompt_tokens.values(), completion_tokens),
     )
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 

@@ -375,6 +375,8 @@ class Engine:
         self._step_started = time.monotonic()
         admitted = sched.admit()
         for seq in admitted:
+            if seq.cached_prompt_tokens is None:
+                seq.cached_prompt_tokens = seq.num_computed
             if seq.prefix_hit:
                 self.kv.load_prefix(seq, seq.prefix_hit)  # type: ignore[arg-type]
                 seq.prefix_hit = []

@@ -44,6 +44,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # chain hashes of its full blocks, as known so far
         self.prefix_hit: list[object] = []  # cached blocks to load at admission
         self.cached_blocks = 0  # leading blocks known to be in the prefix cache
+        # Prompt tokens the first admission found in the prefix cache (None: not admitted yet;
+        # a preempted request's recomputation finding its own blocks does not count).
+        self.cached_prompt_tokens: int | None = None
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished = False
@@ -154,7 +157,9 @@ class Sequence:
         """Marks the end: usage and timings on the last output, one metrics + log record."""
         self.finished = True
         out.finish_reason = reason
-        out.usage = Usage(len(self.prompt_ids), len(self.output_ids))
+        out.usage = Usage(
+            len(self.prompt_ids), len(self.output_ids), self.cached_prompt_tokens or 0
+        )
         ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
         out.time_to_first_token = ttft
         out.duration = now - self.arrival
@@ -172,6 +177,7 @@ class Sequence:
                     "fields": {
                         "request_id": self.request_id,
                         "prompt_tokens": out.usage.prompt_tokens,
+                        "cached_prompt_tokens": out.usage.cached_prompt_tokens,
                         "completion_tokens": out.usage.completion_tokens,
                         "ttft_ms": None if ttft is None else round(ttft * 1e3, 1),
                         "duration_ms": round(out.duration * 1e3, 1),
