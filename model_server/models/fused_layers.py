@@ -65,6 +65,9 @@ class FusedRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused"
 
 
+_Tables = tuple[torch.Tensor, torch.Tensor]  # full-width cos, signed sin
+
+
 class _RotaryTables:
     """Full-head-width interleaved cos / signed sin, built once per forward.
 
@@ -75,17 +78,16 @@ class _RotaryTables:
 
     def __init__(self, head_dim: int) -> None:
         self.head_dim = head_dim
-        self._source: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The latest forward's (cos, sin) and their tables.
+        self._last: tuple[torch.Tensor, torch.Tensor, _Tables] | None = None
 
-    def get(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        src = self._source
-        if src is None or src[0] is not cos or src[1] is not sin or self._tables is None:
-            self._tables = self._build(cos, sin)
-            self._source = (cos, sin)
-        return self._tables
+    def get(self, cos: torch.Tensor, sin: torch.Tensor) -> _Tables:
+        last = self._last
+        if last is None or last[0] is not cos or last[1] is not sin:
+            last = self._last = (cos, sin, self._build(cos, sin))
+        return last[2]
 
-    def _build(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build(self, cos: torch.Tensor, sin: torch.Tensor) -> _Tables:
         # transformers' GLM: cos/sin hold rotary_dim / 2 distinct angles (twice), and the
         # rotation pairs neighbouring channels (2i, 2i + 1) of the first rotary_dim channels.
         half = cos.shape[-1] // 2
