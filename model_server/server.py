@@ -194,6 +194,7 @@ class ModelServer:
                 prefix_caching=s.prefix_caching,
                 step_timeout=s.step_timeout_seconds,
                 max_stream_backlog=s.max_stream_backlog,
+                cuda_graphs=s.cuda_graphs,
             ),
             self.metrics,
         )

@@ -86,6 +86,14 @@ class Settings:
         "at 1-16 streams); identical results in fp32, RMSNorm within one last-place unit in "
         "bf16/fp16",
     )
+    cuda_graphs: bool = setting(
+        True,
+        flag="--cuda-graphs",
+        env="GLMSERVE_CUDA_GRAPHS",
+        help="on CUDA, decode steps with static shapes replay a CUDA graph (one launch per "
+        "step instead of hundreds) once a batch has kept its rows for two steps; no effect "
+        "on the CPU",
+    )
     max_model_len: int | None = setting(
         None,
         flag="--max-model-len",

@@ -70,6 +70,9 @@ class EngineConfig:
     # Backpressure: a stream whose consumer leaves this many outputs unread is paused (its
     # seat, compute and KV freed) until it has read all but a quarter of them; 0: never.
     max_stream_backlog: int = 3
+    # Decode steps on CUDA replay CUDA graphs (graphs.py); static_decode as ModelRunner's.
+    cuda_graphs: bool = True
+    static_decode: bool | None = None
 
 
 class RequestStream:
@@ -186,7 +189,7 @@ class Engine:
         self.loaded = loaded
         self.config = config
         self.observer = observer or EngineObserver()
-        self.runner = ModelRunner(loaded)
+        self.runner = ModelRunner(loaded, config.cuda_graphs, config.static_decode)
         self._device = self.runner.logits_device  # penalties and grammars meet the logits
         self.prefix: PrefixIndex[torch.Tensor] | None = (
             PrefixIndex() if config.prefix_caching else None
@@ -675,7 +678,7 @@ class Engine:
         positions = torch.tensor([[s.num_tokens - 1] for s in rows])
         mask = torch.cat([lane.mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         try:
-            logits = self.runner.forward(ids, mask, positions, lane.cache)
+            logits = self.runner.decode(ids, mask, positions, lane.cache)
         except Exception as exc:  # noqa: BLE001 - the lane's cache is now inconsistent
             self._fail_lane(lane, "decode", exc)
             return

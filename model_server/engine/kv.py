@@ -36,6 +36,8 @@ class GrowableLayer(DynamicLayer):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._len = 0
+        # Set for a static-shape decode step (graphs.py): the position to write, on the device.
+        self.write_at: torch.Tensor | None = None
         super().__init__()
 
     @property
@@ -92,6 +94,15 @@ class GrowableLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.write_at is not None:
+            # A static-shape decode step: the position comes from a device tensor and the
+            # whole capacity is returned (the mask hides what lies beyond), so the step's
+            # shapes and addresses stay the same until the buffers change; ``_len`` is the
+            # caller's to advance (a replayed CUDA graph never runs this method).
+            assert self._k is not None and self._v is not None
+            self._k.index_copy_(2, self.write_at, key_states)
+            self._v.index_copy_(2, self.write_at, value_states)
+            return self._k, self._v
         start, end = self._len, self._len + key_states.shape[-2]
         if self._k is None or self._v is None or end > self._k.shape[-2]:
             self._grow(key_states, value_states, end + GROW_TOKENS)
@@ -120,6 +131,9 @@ class GrowableCache(DynamicCache):
             Cache.__init__(self, layer_class_to_replicate=GrowableLayer)
         else:
             Cache.__init__(self, layers=layers)
+        # The static decode state of the lane this cache belongs to (graphs.py): its inputs
+        # and CUDA graph live and die with the cache.
+        self.decode_state: object | None = None
 
 
 def new_cache() -> GrowableCache:

@@ -16,11 +16,18 @@ from ..models.attention import sdpa_backends, use_gqa_sdpa
 from ..models.base import LoadedModel
 from ..models.cpu_linear import PackedLinear
 from . import kv
+from .graphs import StaticDecode
 from .sampling import PenaltyState, RowSampling, SampleResult, sample
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(
+        self, loaded: LoadedModel, cuda_graphs: bool = True, static_decode: bool | None = None
+    ) -> None:
+        """``cuda_graphs``: decode steps on CUDA replay CUDA graphs (graphs.py).
+        ``static_decode``: decode steps with static shapes, captured or not; None: exactly when
+        graphs can be used (the model on one CUDA device and ``cuda_graphs``). True on the CPU
+        runs the static step eagerly (its tests)."""
         self.loaded = loaded
         self._model = loaded.model
         # No KV copy per layer when a prompt meets cached KV; with the linears on oneDNN
@@ -37,6 +44,16 @@ class ModelRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # On CUDA, attention without cuDNN's per-shape plans (models/attention.py).
         self._sdpa = sdpa_backends(self.device)
+        devices = {str(d) for d in getattr(loaded.model, "hf_device_map", {}).values()}
+        graphable = (
+            self.device.type == "cuda"
+            and cuda_graphs
+            and len(devices) <= 1
+            and full_attention_only(loaded.model)
+        )
+        self.static: StaticDecode | None = None
+        if graphable if static_decode is None else static_decode:
+            self.static = StaticDecode(self._static_forward, self.device, loaded.dtype, graphable)
 
     def forward(
         self,
@@ -60,6 +77,39 @@ class ModelRunner:
             )
         return out.logits if all_positions else out.logits[:, -1, :]
 
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: kv.GrowableCache,
+    ) -> torch.Tensor:
+        """One decode step of a lane (``mask`` includes the new column): the static step when
+        there is one (a CUDA graph's output on a GPU: read it before the next step), else
+        :meth:`forward`."""
+        if self.static is not None and StaticDecode.usable(cache):
+            return self.static.step(input_ids, mask, positions, cache)
+        return self.forward(input_ids, mask, positions, cache)
+
+    def _static_forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: kv.GrowableCache,
+    ) -> torch.Tensor:
+        """The model on device tensors with a ready 4-D mask (transformers uses it as is)."""
+        with self._sdpa():
+            out = self._model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: cache},
+            )
+        return out.logits[:, -1, :]
+
     def sample(
         self,
         logits: torch.Tensor,
@@ -73,6 +123,15 @@ class ModelRunner:
             penalties,
             self.loaded.nan_guard_token_id,
         )
+
+
+def full_attention_only(model: torch.nn.Module) -> bool:
+    """Every layer attends to the whole context. The static step's ready-made 4-D mask
+    replaces transformers' per-layer masks, so a sliding window (Mistral, Gemma) would be
+    lost: such models keep the ordinary decode step."""
+    cfg = model.config.get_text_config()
+    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    return types == {"full_attention"} and not getattr(cfg, "sliding_window", None)
 
 
 def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:

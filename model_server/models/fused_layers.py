@@ -80,6 +80,9 @@ class _RotaryTables:
         self.head_dim = head_dim
         # The latest forward's (cos, sin) and their tables.
         self._last: tuple[torch.Tensor, torch.Tensor, _Tables] | None = None
+        # (-1, 1) per device and dtype, made once: a tensor from a Python list is a host copy,
+        # which a CUDA graph capture (engine/graphs.py) does not allow.
+        self._signs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def get(self, cos: torch.Tensor, sin: torch.Tensor) -> _Tables:
         last = self._last
@@ -93,7 +96,11 @@ class _RotaryTables:
         half = cos.shape[-1] // 2
         c = cos[..., :half].repeat_interleave(2, dim=-1)
         s = sin[..., :half].repeat_interleave(2, dim=-1)
-        sign = torch.tensor([-1.0, 1.0], dtype=s.dtype, device=s.device)
+        sign = self._signs.get((s.device, s.dtype))
+        if sign is None:
+            sign = self._signs[(s.device, s.dtype)] = torch.tensor(
+                [-1.0, 1.0], dtype=s.dtype, device=s.device
+            )
         s = (s.unflatten(-1, (-1, 2)) * sign).flatten(-2)
         rest = self.head_dim - c.shape[-1]
         if rest:
