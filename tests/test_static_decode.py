@@ -38,7 +38,9 @@ async def _tokens(stream) -> list[int]:  # noqa: ANN001
     return ids
 
 
-async def _run(loaded, at_once: bool = False, **config) -> tuple[list[list[int]], ModelRunner]:  # noqa: ANN001
+async def _run(  # noqa: ANN001
+    loaded, at_once: bool = False, prepare=None, **config
+) -> tuple[list[list[int]], ModelRunner]:
     """The requests with starts staggered (rows join and leave a running lane at times the
     clock decides), or ``at_once``: all queued before the engine starts, so every run
     schedules the same steps (what a bf16 comparison needs: there a row's last bits, and
@@ -46,6 +48,8 @@ async def _run(loaded, at_once: bool = False, **config) -> tuple[list[list[int]]
     if at_once:  # and never paused for a slow reader, which the clock would decide
         config.setdefault("max_stream_backlog", 0)
     engine = Engine(loaded, EngineConfig(prefix_caching=False, **config))
+    if prepare is not None:
+        prepare(engine)
     requests = _requests(engine.runner.vocab)
 
     async def staggered(i: int) -> list[int]:
@@ -78,6 +82,30 @@ async def test_static_decode_steps_give_the_tokens_of_ordinary_ones(
     assert runner.static is not None and runner.static.eager >= LONG - 1
     assert static == ordinary
     assert len(static[0]) == LONG
+
+
+async def test_after_a_failed_capture_ordinary_steps_go_on_over_the_same_caches(
+    tiny_model_dir: Path,
+) -> None:
+    """A model whose capture fails gets ordinary decode steps from then on, mid-lane: the
+    static steps must leave every cache exactly as an ordinary step expects it."""
+    loaded = load_model(str(tiny_model_dir), torch.device("cpu"), "float32", None)
+
+    def fail_after_ten_steps(engine: Engine) -> None:
+        static = engine.runner.static
+        step = static.step
+
+        def counted(*args):  # noqa: ANN002, ANN202
+            logits = step(*args)
+            static.failed = static.eager >= 10  # what a failed capture sets
+            return logits
+
+        static.step = counted
+
+    ordinary, _ = await _run(loaded, True)
+    switched, runner = await _run(loaded, True, fail_after_ten_steps, static_decode=True)
+    assert runner.static is None  # the runner went back to ordinary steps
+    assert switched == ordinary
 
 
 def test_the_masked_capacity_never_leaks_into_a_step(tiny_model_dir: Path) -> None:

@@ -27,8 +27,9 @@ The eager static step and the replay run the same kernels on the same shapes, so
 tokens do not depend on whether its step was captured. They can differ in the last bits from a
 dynamic step (attention over masked extra columns), as a row's attention already does
 between a solo and a padded batch. A capture that fails (an op that cannot be captured, in
-some model) turns graphs off for the process, with a warning; that step and the later ones run
-eagerly, still static.
+some model) turns static steps off for the process, with a warning: that step runs eagerly,
+and the later ones are ordinary steps again (on the same caches: ``_len`` is kept exact),
+since an eager static step is slower than an ordinary one at one stream (docs/engine.md).
 
 On the CPU none of this runs (a decode step there is bound by the linears, not launches);
 tests drive the static step eagerly on the CPU (``capture=False``) to check its tokens.
@@ -80,6 +81,7 @@ class StaticDecode:
         self._stream = torch.cuda.Stream(device) if self.capture else None
         # Steps run eagerly, graphs captured, steps replayed (tests, bench).
         self.eager = self.captured = self.replayed = 0
+        self.failed = False  # a capture failed: the runner goes back to ordinary steps
 
     @staticmethod
     def usable(cache: kv.GrowableCache) -> bool:
@@ -203,6 +205,7 @@ class StaticDecode:
         except Exception:  # noqa: BLE001 - eager steps still work
             log.warning("CUDA graph capture failed; decode steps run without graphs", exc_info=True)
             self.capture = False
+            self.failed = True
             return None
         if not self.captured:
             log.info("CUDA graphs: decode steps of steady batches now replay a captured graph")

@@ -88,7 +88,10 @@ class ModelRunner:
         there is one (a CUDA graph's output on a GPU: read it before the next step), else
         :meth:`forward`."""
         if self.static is not None and StaticDecode.usable(cache):
-            return self.static.step(input_ids, mask, positions, cache)
+            logits = self.static.step(input_ids, mask, positions, cache)
+            if self.static.failed:  # no graphs in this model: ordinary steps from now on
+                self.static = None
+            return logits
         return self.forward(input_ids, mask, positions, cache)
 
     def _static_forward(
