@@ -140,6 +140,12 @@ async def drive(
     return rows
 
 
+def decode_steps(metrics: dict[str, float]) -> dict[str, float]:
+    """``glmserve_decode_steps_total`` by mode: how many steps replayed a CUDA graph."""
+    prefix = 'glmserve_decode_steps_total{mode="'
+    return {k[len(prefix) : -2]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="serve this checkpoint instead of writing one")
@@ -180,12 +186,14 @@ def main() -> None:
         mem = gpu_memory_mib(stack.server.pid)  # type: ignore[union-attr]
         rows = asyncio.run(drive(stack.grpc_target, levels, args.max_tokens, args.structured))
         mem_after = gpu_memory_mib(stack.server.pid)  # type: ignore[union-attr]
+        steps = decode_steps(stack.metrics())
     for row in rows:
         row["hbm_bound_tok_s"] = row["concurrency"] * bw / wbytes
         row["of_bound"] = row["tok_s"] / row["hbm_bound_tok_s"]
     print(f"\n{gpu}, {wbytes / 2**30:.2f} GiB weights, copy {bw / 1e12:.2f} TB/s")
     print(f"GPU memory (nvidia-smi): {mem} MiB loaded, {mem_after} MiB after the run, of which")
     print(f"{context} MiB is the CUDA context any process has")
+    print("decode steps by how they ran:", ", ".join(f"{k} {v:.0f}" for k, v in steps.items()))
     head = ("row", "tok/s", "bound", "of bound", "ttft p50", "itl p50")
     print("{:>17} {:>8} {:>8} {:>8} {:>9} {:>8}".format(*head))
     for r in rows:
@@ -202,6 +210,7 @@ def main() -> None:
         "cuda_context_mib": context,
         "gpu_memory_mib_loaded": mem,
         "gpu_memory_mib_after": mem_after,
+        "decode_steps": steps,
         "rows": rows,
     }
     emit_json(result, args.json)

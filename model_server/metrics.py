@@ -56,6 +56,13 @@ class ServerMetrics(EngineObserver):
         self.step_tokens = Counter(
             "glmserve_step_tokens", "Tokens processed by forward steps", ["phase"], registry=r
         )
+        self.decode_steps = Counter(
+            "glmserve_decode_steps",
+            "Decode steps by how they ran: ordinary, static (CUDA, eager), graph (a replayed "
+            "CUDA graph)",
+            ["mode"],
+            registry=r,
+        )
         self.kv_cache_usage = Gauge(
             "glmserve_kv_cache_usage_ratio",
             "KV-cache blocks in use / blocks in the pool (padding, spare room and cached "
@@ -129,6 +136,9 @@ class ServerMetrics(EngineObserver):
     def step(self, kind: str, batch_size: int, tokens: int) -> None:
         self.batch_size.labels(kind).observe(batch_size)
         self.step_tokens.labels(kind).inc(tokens)
+
+    def decode_step(self, mode: str) -> None:
+        self.decode_steps.labels(mode).inc()
 
     def kv_usage(
         self, used_blocks: int, total_blocks: int, block_size: int, cached_blocks: int

@@ -106,6 +106,10 @@ def test_a_stalled_stream_is_paused_frees_its_seat_and_resumes_exactly(
         10,
         "gauges back to 0",
     )
+    # One seat: every decode step decoded one token, each an ordinary step (the CPU has
+    # neither static steps nor CUDA graphs).
+    steps = 'glmserve_decode_steps_total{mode="ordinary"}'
+    assert metric(server, steps) == metric(server, DECODED) > 0
 
 
 def test_a_paused_stream_that_is_cancelled_leaves_nothing_behind(

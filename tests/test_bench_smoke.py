@@ -311,3 +311,16 @@ def test_scenario_inputs_are_deterministic() -> None:
     assert scenarios.kv_tokens_in(["--kv-cache-tokens", "12288"]) == 12288
     assert scenarios.kv_tokens_in(["--max-num-batched-tokens=4096", "--x"]) == 4096
     assert scenarios.kv_tokens_in(["--max-num-seqs", "8"]) is None
+
+
+def test_bench_gpu_reads_the_decode_steps_by_mode() -> None:
+    """What ``python -m bench.gpu`` reports of how the server's decode steps ran."""
+    from bench.gpu import decode_steps
+
+    m = parse_metrics(
+        "# TYPE glmserve_decode_steps_total counter\n"
+        'glmserve_decode_steps_total{mode="graph"} 120.0\n'
+        'glmserve_decode_steps_total{mode="static"} 8.0\n'
+        'glmserve_step_tokens_total{phase="decode"} 7.0\n'
+    )
+    assert decode_steps(m) == {"graph": 120.0, "static": 8.0}

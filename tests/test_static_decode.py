@@ -5,6 +5,7 @@ replayed steps must give exactly the eager static step's tokens."""
 from __future__ import annotations
 
 import asyncio
+import collections
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from model_server.engine import kv
 from model_server.engine.engine import Engine, EngineConfig
 from model_server.engine.runner import ModelRunner
-from model_server.engine.types import GenerationRequest, SamplingParams
+from model_server.engine.types import EngineObserver, GenerationRequest, SamplingParams
 from model_server.models.registry import load_model
 
 # Replies long enough to outgrow a lane's spare room (kv.GROW_TOKENS) at least once.
@@ -38,8 +39,18 @@ async def _tokens(stream) -> list[int]:  # noqa: ANN001
     return ids
 
 
+class _Modes(EngineObserver):
+    """Counts decode steps by how they ran (what the metrics count)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def decode_step(self, mode: str) -> None:
+        self.counts[mode] += 1
+
+
 async def _run(  # noqa: ANN001
-    loaded, at_once: bool = False, prepare=None, **config
+    loaded, at_once: bool = False, prepare=None, modes: _Modes | None = None, **config
 ) -> tuple[list[list[int]], ModelRunner]:
     """The requests with starts staggered (rows join and leave a running lane at times the
     clock decides), or ``at_once``: all queued before the engine starts, so every run
@@ -47,7 +58,7 @@ async def _run(  # noqa: ANN001
     so a near-tie, depend on the batch it runs in)."""
     if at_once:  # and never paused for a slow reader, which the clock would decide
         config.setdefault("max_stream_backlog", 0)
-    engine = Engine(loaded, EngineConfig(prefix_caching=False, **config))
+    engine = Engine(loaded, EngineConfig(prefix_caching=False, **config), modes)
     if prepare is not None:
         prepare(engine)
     requests = _requests(engine.runner.vocab)
@@ -76,10 +87,13 @@ async def test_static_decode_steps_give_the_tokens_of_ordinary_ones(
     path = tiny_model_dir if model == "llama" else tiny_chatglm2_dir
     loaded = load_model(str(path), torch.device("cpu"), "float32", None)
     at_once = model == "chatglm2"  # both ways of starting the requests run on the CPU
-    ordinary, runner = await _run(loaded, at_once)
+    modes = _Modes(), _Modes()
+    ordinary, runner = await _run(loaded, at_once, modes=modes[0])
     assert runner.static is None  # never on the CPU by default
-    static, runner = await _run(loaded, at_once, static_decode=True)
+    static, runner = await _run(loaded, at_once, modes=modes[1], static_decode=True)
     assert runner.static is not None and runner.static.eager >= LONG - 1
+    assert set(modes[0].counts) == {"ordinary"}
+    assert modes[1].counts == {"static": runner.static.eager}
     assert static == ordinary
     assert len(static[0]) == LONG
 
@@ -146,9 +160,11 @@ async def test_replayed_cuda_graphs_give_the_tokens_of_eager_static_steps(
     loaded = load_model(str(tiny_chatglm2_dir), torch.device("cuda"), dtype, None)
     eager, runner = await _run(loaded, True, cuda_graphs=False, static_decode=True)
     assert runner.static is not None and not runner.static.capture
-    graphs, runner = await _run(loaded, True)
+    modes = _Modes()
+    graphs, runner = await _run(loaded, True, modes=modes)
     assert runner.static is not None and runner.static.capture, "a capture failed"
     assert runner.static.captured > 0 and runner.static.replayed > LONG
+    assert modes.counts == {"static": runner.static.eager, "graph": runner.static.replayed}
     assert graphs == eager
     if dtype == "float32":
         ordinary, runner = await _run(loaded, True, cuda_graphs=False)

@@ -684,6 +684,7 @@ class Engine:
             return
         lane.mask = mask
         self.observer.step("decode", len(rows), len(rows))
+        self.observer.decode_step(self.runner.last_decode_mode)
         for s in rows:
             s.num_computed += 1
         try:

@@ -82,6 +82,7 @@ class StaticDecode:
         # Steps run eagerly, graphs captured, steps replayed (tests, bench).
         self.eager = self.captured = self.replayed = 0
         self.failed = False  # a capture failed: the runner goes back to ordinary steps
+        self.last_mode = "static"  # how the latest step ran: "static" (eager) or "graph"
 
     @staticmethod
     def usable(cache: kv.GrowableCache) -> bool:
@@ -112,12 +113,14 @@ class StaticDecode:
         if not isinstance(state, _LaneState) or state.key != key:
             state = cache.decode_state = self._new_state(key, layers, width, ids.shape[0])
         self._fill(state, ids, mask, positions, width)
+        replayed = self.replayed
         if state.graph is not None:
             state.graph.replay()
             logits = state.logits
             self.replayed += 1
         else:
             logits = self._run(state, cache, capture=self.capture and state.steps >= 1)
+        self.last_mode = "graph" if self.replayed > replayed else "static"
         for layer in layers:
             layer._len = width + 1
         state.steps += 1

@@ -52,6 +52,8 @@ class ModelRunner:
             and full_attention_only(loaded.model)
         )
         self.static: StaticDecode | None = None
+        # How the latest decode step ran: "ordinary", "static" (eager) or "graph" (metrics).
+        self.last_decode_mode = "ordinary"
         if graphable if static_decode is None else static_decode:
             self.static = StaticDecode(self._static_forward, self.device, loaded.dtype, graphable)
 
@@ -88,10 +90,13 @@ class ModelRunner:
         there is one (a CUDA graph's output on a GPU: read it before the next step), else
         :meth:`forward`."""
         if self.static is not None and StaticDecode.usable(cache):
-            logits = self.static.step(input_ids, mask, positions, cache)
-            if self.static.failed:  # no graphs in this model: ordinary steps from now on
+            static = self.static
+            logits = static.step(input_ids, mask, positions, cache)
+            self.last_decode_mode = static.last_mode
+            if static.failed:  # no graphs in this model: ordinary steps from now on
                 self.static = None
             return logits
+        self.last_decode_mode = "ordinary"
         return self.forward(input_ids, mask, positions, cache)
 
     def _static_forward(
