@@ -55,7 +55,7 @@ class ModelRunner:
         # How the latest decode step ran: "ordinary", "static" (eager) or "graph" (metrics).
         self.last_decode_mode = "ordinary"
         if graphable if static_decode is None else static_decode:
-            self.static = StaticDecode(self._static_forward, self.device, loaded.dtype, graphable)
+            self.static = StaticDecode(self.forward, self.device, loaded.dtype, graphable)
 
     def forward(
         self,
@@ -67,7 +67,9 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Appends the new positions to ``cache``; returns the last position's logits
         ([B, V]), or with ``all_positions`` every new position's ([B, L, V]: prompt
-        log-probabilities; L is one prefill step's tokens, so this stays bounded)."""
+        log-probabilities; L is one prefill step's tokens, so this stays bounded). ``mask``
+        is the 2-D padding mask, or a ready 4-D one (a static step's: transformers uses it as
+        is); tensors already on the device are not copied (so a CUDA graph can capture it)."""
         with self._sdpa():
             out = self._model(
                 input_ids=input_ids.to(self.device),
@@ -98,25 +100,6 @@ class ModelRunner:
             return logits
         self.last_decode_mode = "ordinary"
         return self.forward(input_ids, mask, positions, cache)
-
-    def _static_forward(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache: kv.GrowableCache,
-    ) -> torch.Tensor:
-        """The model on device tensors with a ready 4-D mask (transformers uses it as is)."""
-        with self._sdpa():
-            out = self._model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kw: cache},
-            )
-        return out.logits[:, -1, :]
 
     def sample(
         self,
