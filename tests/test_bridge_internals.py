@@ -8,8 +8,10 @@ checks admit it), whose Chat aborts with secret details on demand. The flag chec
 
 from __future__ import annotations
 
+import collections
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -32,10 +34,25 @@ MSG = [{"role": "user", "content": "hi"}]
 class Failing(chat_pb2_grpc.ChatServiceServicer):
     """The request's model picks the failure."""
 
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()  # Chat calls per message
+
     def ListModels(self, request, context):  # noqa: N802 - gRPC method name
         return chat_pb2.ListModelsResponse(models=[chat_pb2.ModelInfo(id="fake")])
 
     def Chat(self, request, context):  # noqa: N802 - gRPC method name
+        text = request.messages[-1].content if request.messages else ""
+        self.calls[text] += 1  # one gRPC thread per call; the tests read it after the call
+        if request.model == "draining" or (
+            request.model == "refused-once" and self.calls[text] == 1
+        ):
+            # Before anything is sent (no response headers): not accepted.
+            context.abort(grpc.StatusCode.UNAVAILABLE, "refused before accepting the call")
+        if request.model == "refused-once":
+            usage = chat_pb2.Usage(prompt_tokens=1, completion_tokens=1)
+            yield chat_pb2.ChatResponse(text="fine", token_ids=[7])
+            yield chat_pb2.ChatResponse(finish_reason=chat_pb2.FINISH_REASON_STOP, usage=usage)
+            return
         if request.model == "internal":
             context.abort(grpc.StatusCode.INTERNAL, f"{SECRET} exploded")
         if request.model == "unauthenticated":
@@ -46,10 +63,13 @@ class Failing(chat_pb2_grpc.ChatServiceServicer):
         context.abort(grpc.StatusCode.INTERNAL, f"{SECRET} died mid-stream")
 
 
+FAKE = Failing()
+
+
 @pytest.fixture(scope="module")
 def fake_target() -> Iterator[str]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(Failing(), server)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(FAKE, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -133,6 +153,28 @@ def test_in_stream_error_chunk_is_generic(bridge: Proc) -> None:
     assert f"(request id {rid}); see the server logs." in err["message"]
     assert "SECRET" not in "".join(data)
     assert any(rid in line and "mid-stream" in line for line in bridge.log_text().splitlines())
+
+
+def test_a_call_refused_before_it_was_accepted_is_tried_once_more(bridge: Proc) -> None:
+    """The only backend refuses a stream before accepting it (UNAVAILABLE, no response
+    headers: what a stream started on a connection the server is closing at its
+    --max-connection-age gets). The bridge tries it once more, instead of answering 503."""
+    text = f"hello {uuid.uuid4()}"
+    body = {"model": "refused-once", "messages": [{"role": "user", "content": text}]}
+    r = httpx.post(bridge.url + CHAT, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "fine"
+    assert FAKE.calls[text] == 2
+
+
+def test_a_backend_that_keeps_refusing_is_503_after_one_more_try(bridge: Proc) -> None:
+    """Draining (UNAVAILABLE every time): one more try, then 503, no loop."""
+    text = f"hello {uuid.uuid4()}"
+    body = {"model": "draining", "messages": [{"role": "user", "content": text}]}
+    r = httpx.post(bridge.url + CHAT, json=body, timeout=30)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"]
+    assert FAKE.calls[text] == 2
 
 
 def test_health_minimal_by_default(bridge: Proc) -> None:
