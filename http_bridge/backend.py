@@ -13,10 +13,10 @@ backend of every call:
 - a call moves to another backend until its first message (``RoutedCall``): a server that does
   not accept it (send its response headers, which it does before queueing) within
   ``--backend-accept-timeout`` is frozen or cut off, one that answers UNAVAILABLE is draining
-  or gone. A call refused before it was accepted, with no other backend to go to, is tried
-  once more on the same one (a stream that met the server's GOAWAY at
-  ``--max-connection-age``, which gRPC's own transparent retry would redo, is off here). After
-  a message it stays: a retry could generate twice;
+  or gone. With no other backend to go to, an UNAVAILABLE call is tried once more on the same
+  one (a stream that met the server's GOAWAY at ``--max-connection-age``: gRPC's own
+  transparent retry, which would redo it, is off here). After a message it stays: a retry
+  could generate twice;
 - keepalive pings close the connection to a server that stops answering (SIGSTOP, a dead
   host), so its channel leaves READY; reconnects back off at most
   ``max_reconnect_backoff_seconds``; ``wait_for_ready=False``, so with nothing up a call fails
@@ -218,7 +218,6 @@ class RoutedCall:
         self._error: grpc.aio.AioRpcError | None = None
         self._received = False
         self._cancelled = False
-        self._accepted = False  # the current backend sent its response headers
         self._retried_same = False
         self.target = ""  # the backend now serving it (logs)
 
@@ -239,10 +238,11 @@ class RoutedCall:
                 if self._received or self._cancelled or err.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 log.info("moving a call off %s: %s", self.target, err.details())
-                if not (self._accepted or self._retried_same or self._backend.others(self._tried)):
-                    # Refused before the server accepted it (a stream started on a connection
-                    # the server was closing: GOAWAY at --max-connection-age), with nowhere
-                    # else to go: once more on the same backend, over a fresh connection.
+                if not (self._retried_same or self._backend.others(self._tried)):
+                    # Nowhere else to go: once more on the same backend, over a fresh
+                    # connection (a stream started on a connection the server was closing,
+                    # GOAWAY at --max-connection-age, succeeds there; a draining server
+                    # refuses again, and the call fails as before).
                     self._retried_same = True
                     self._tried.pop()
                 self._error, self._call = err, None
@@ -269,7 +269,6 @@ class RoutedCall:
             try:
                 async with asyncio.timeout(timeout):
                     await call.initial_metadata()  # also returns when the call ends
-                self._accepted = not call.done()
                 return
             except TimeoutError:
                 call.cancel()

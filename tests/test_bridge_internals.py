@@ -46,7 +46,6 @@ class Failing(chat_pb2_grpc.ChatServiceServicer):
         if request.model == "draining" or (
             request.model == "refused-once" and self.calls[text] == 1
         ):
-            # Before anything is sent (no response headers): not accepted.
             context.abort(grpc.StatusCode.UNAVAILABLE, "refused before accepting the call")
         if request.model == "refused-once":
             usage = chat_pb2.Usage(prompt_tokens=1, completion_tokens=1)
@@ -155,10 +154,10 @@ def test_in_stream_error_chunk_is_generic(bridge: Proc) -> None:
     assert any(rid in line and "mid-stream" in line for line in bridge.log_text().splitlines())
 
 
-def test_a_call_refused_before_it_was_accepted_is_tried_once_more(bridge: Proc) -> None:
-    """The only backend refuses a stream before accepting it (UNAVAILABLE, no response
-    headers: what a stream started on a connection the server is closing at its
-    --max-connection-age gets). The bridge tries it once more, instead of answering 503."""
+def test_a_refused_call_is_tried_once_more_on_the_only_backend(bridge: Proc) -> None:
+    """The only backend answers UNAVAILABLE before any message (what a stream started on a
+    connection the server is closing at its --max-connection-age gets). The bridge tries it
+    once more, instead of answering 503."""
     text = f"hello {uuid.uuid4()}"
     body = {"model": "refused-once", "messages": [{"role": "user", "content": text}]}
     r = httpx.post(bridge.url + CHAT, json=body, timeout=30)
