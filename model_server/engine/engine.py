@@ -678,13 +678,13 @@ class Engine:
         positions = torch.tensor([[s.num_tokens - 1] for s in rows])
         mask = torch.cat([lane.mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         try:
-            logits = self.runner.decode(ids, mask, positions, lane.cache)
+            logits, mode = self.runner.decode(ids, mask, positions, lane.cache)
         except Exception as exc:  # noqa: BLE001 - the lane's cache is now inconsistent
             self._fail_lane(lane, "decode", exc)
             return
         lane.mask = mask
         self.observer.step("decode", len(rows), len(rows))
-        self.observer.decode_step(self.runner.last_decode_mode)
+        self.observer.decode_step(mode)
         for s in rows:
             s.num_computed += 1
         try:

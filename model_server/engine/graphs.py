@@ -79,10 +79,8 @@ class StaticDecode:
         self._dtype = dtype
         self.capture = capture and device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self.capture else None
-        # Steps run eagerly, graphs captured, steps replayed (tests, bench).
-        self.eager = self.captured = self.replayed = 0
+        self.captured = 0  # graphs captured (tests)
         self.failed = False  # a capture failed: the runner goes back to ordinary steps
-        self.last_mode = "static"  # how the latest step ran: "static" (eager) or "graph"
 
     @staticmethod
     def usable(cache: kv.GrowableCache) -> bool:
@@ -98,11 +96,11 @@ class StaticDecode:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: kv.GrowableCache,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, str]:
         """One decode step of a lane: ``ids``/``positions`` ``[B, 1]``, ``mask`` the lane's 2-D
         mask including the new column (host tensors). Appends to ``cache``; returns the
         logits ``[B, V]`` (a graph's output buffer when replayed: read it before the next
-        step)."""
+        step) and how the step ran: ``"graph"`` (replayed) or ``"static"`` (eagerly)."""
         layers: list[kv.GrowableLayer] = cache.layers  # type: ignore[assignment]
         width = layers[0].get_seq_length()
         if width + 1 > layers[0]._k.shape[-2]:  # type: ignore[union-attr]
@@ -113,19 +111,16 @@ class StaticDecode:
         if not isinstance(state, _LaneState) or state.key != key:
             state = cache.decode_state = self._new_state(key, layers, width, ids.shape[0])
         self._fill(state, ids, mask, positions, width)
-        replayed = self.replayed
         if state.graph is not None:
             state.graph.replay()
-            logits = state.logits
-            self.replayed += 1
+            logits, replayed = state.logits, True
         else:
-            logits = self._run(state, cache, capture=self.capture and state.steps >= 1)
-        self.last_mode = "graph" if self.replayed > replayed else "static"
+            logits, replayed = self._run(state, cache, self.capture and state.steps >= 1)
         for layer in layers:
             layer._len = width + 1
         state.steps += 1
         assert logits is not None
-        return logits
+        return logits, "graph" if replayed else "static"
 
     def _new_state(
         self, key: _Key, layers: list[kv.GrowableLayer], width: int, rows: int
@@ -160,8 +155,10 @@ class StaticDecode:
         state.positions.copy_(positions)
         state.write_at.fill_(width)
 
-    def _run(self, state: _LaneState, cache: kv.GrowableCache, capture: bool) -> torch.Tensor:
-        """The step eagerly, or captured and then replayed. Eager steps and captures run on
+    def _run(
+        self, state: _LaneState, cache: kv.GrowableCache, capture: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """The step eagerly, or captured and then replayed (True). Eager steps and captures run on
         the capture stream (the eager step before a capture is its warm-up, as CUDA graphs
         want); a replay runs on the current stream."""
         layers: list[kv.GrowableLayer] = cache.layers  # type: ignore[assignment]
@@ -169,8 +166,7 @@ class StaticDecode:
             layer.write_at = state.write_at
         try:
             if self._stream is None:
-                self.eager += 1
-                return self._forward(state.ids, state.mask, state.positions, cache)
+                return self._forward(state.ids, state.mask, state.positions, cache), False
             current = torch.cuda.current_stream(self._device)
             self._stream.wait_stream(current)
             graph = None
@@ -178,15 +174,13 @@ class StaticDecode:
                 if capture:
                     graph = self._capture(state, cache)
                 if graph is None:
-                    self.eager += 1
                     logits = self._forward(state.ids, state.mask, state.positions, cache)
             current.wait_stream(self._stream)
             if graph is not None:
                 graph.replay()
-                self.replayed += 1
-                return state.logits  # type: ignore[return-value]
+                return state.logits, True  # type: ignore[return-value]
             logits.record_stream(current)  # made on the capture stream, read on this one
-            return logits
+            return logits, False
         finally:
             for layer in layers:
                 layer.write_at = None

@@ -52,8 +52,6 @@ class ModelRunner:
             and full_attention_only(loaded.model)
         )
         self.static: StaticDecode | None = None
-        # How the latest decode step ran: "ordinary", "static" (eager) or "graph" (metrics).
-        self.last_decode_mode = "ordinary"
         if graphable if static_decode is None else static_decode:
             self.static = StaticDecode(self.forward, self.device, loaded.dtype, graphable)
 
@@ -87,19 +85,18 @@ class ModelRunner:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: kv.GrowableCache,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, str]:
         """One decode step of a lane (``mask`` includes the new column): the static step when
         there is one (a CUDA graph's output on a GPU: read it before the next step), else
-        :meth:`forward`."""
-        if self.static is not None and StaticDecode.usable(cache):
-            static = self.static
-            logits = static.step(input_ids, mask, positions, cache)
-            self.last_decode_mode = static.last_mode
+        :meth:`forward`. Returns the logits and how the step ran (``ordinary``, ``static``,
+        ``graph``: the metrics' modes)."""
+        static = self.static
+        if static is not None and StaticDecode.usable(cache):
+            logits, mode = static.step(input_ids, mask, positions, cache)
             if static.failed:  # no graphs in this model: ordinary steps from now on
                 self.static = None
-            return logits
-        self.last_decode_mode = "ordinary"
-        return self.forward(input_ids, mask, positions, cache)
+            return logits, mode
+        return self.forward(input_ids, mask, positions, cache), "ordinary"
 
     def sample(
         self,
