@@ -39,20 +39,30 @@ def scripted_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenize
     """A tiny Llama whose greedy reply to any prompt is exactly ``SCRIPT``."""
     from tiny_models import make_scripted_llama
 
-    return make_scripted_llama(tmp_path_factory.mktemp("scripted") / "scripted", smollm_tokenizer,
-                               SCRIPT)
+    return make_scripted_llama(
+        tmp_path_factory.mktemp("scripted") / "scripted", smollm_tokenizer, SCRIPT
+    )
 
 
 @pytest.fixture(scope="session")
-def api_stack(tiny_model_dir: Path):  # noqa: ANN201 - Iterator[tuple[Proc, Proc]]
-    """One model server (the tiny random Llama) and a bridge in front of it, shared by the API
-    feature tests (logprobs, structured outputs, tools, completions, client shapes): a start
-    costs seconds, and those tests need nothing but a served model."""
+def tiny_server(tiny_model_dir: Path):  # noqa: ANN201 - Iterator[Proc]
+    """One model server on the tiny random Llama with default flags, shared by every module
+    that needs nothing else (a start costs ~10 s of imports on a 2-core box). Tests that
+    freeze it (SIGSTOP) let it go on before they end; none stops it."""
     import signal
 
-    from procs import start_bridge, start_model_server
+    from procs import start_model_server
 
     with start_model_server(str(tiny_model_dir)) as server:
-        with start_bridge("--backend", server.target, "--no-ui") as bridge:
-            yield server, bridge
+        yield server
         server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def api_stack(tiny_server):  # noqa: ANN001, ANN201 - Iterator[tuple[Proc, Proc]]
+    """:func:`tiny_server` and a bridge in front of it, shared by the API feature tests
+    (logprobs, structured outputs, tools, completions, client shapes)."""
+    from procs import start_bridge
+
+    with start_bridge("--backend", tiny_server.target, "--no-ui") as bridge:
+        yield tiny_server, bridge

@@ -12,16 +12,14 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from procs import Proc, free_port, start_bridge, start_model_server
+from procs import Proc, free_port, start_bridge
 
 from http_bridge.app import create_app
 from http_bridge.protocol import MAX_TEXT_CHARS, ChatCompletionRequest
@@ -108,10 +106,8 @@ def assert_answered(answer: Answer, what: object = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[Proc]:
-    with start_model_server(str(tiny_model_dir)) as proc:
-        yield proc
-        proc.stop(signal.SIGKILL)
+def server(tiny_server: Proc) -> Proc:
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

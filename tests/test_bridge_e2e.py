@@ -23,7 +23,6 @@ from procs import (
     spawn_bridge,
     spawn_model_server,
     start_bridge,
-    start_model_server,
     wait_serving,
     wait_until,
 )
@@ -46,11 +45,9 @@ def sse_data(line: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def main(tiny_model_dir: Path) -> Iterator[Proc]:
-    """The model server most tests share (killed at the end: a graceful drain costs seconds)."""
-    with start_model_server(str(tiny_model_dir)) as server:
-        yield server
-        server.stop(signal.SIGKILL)
+def main(tiny_server: Proc) -> Proc:
+    """The model server most tests share (the session's: a start costs seconds)."""
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from procs import Proc, start_bridge, start_model_server
+from procs import Proc, start_bridge
 
 from http_bridge.app import create_app
 from http_bridge.limits import LIMITED_PATHS
@@ -35,9 +34,8 @@ TOKEN_HEADERS = tuple(h.replace("requests", "tokens") for h in REQUEST_HEADERS)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[Proc]:
-    with start_model_server(str(tiny_model_dir)) as s:
-        yield s
+def server(tiny_server: Proc) -> Proc:
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -110,11 +110,9 @@ def _load_extractor() -> Any:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[Proc]:
-    """The model server most tests share (killed at the end: a graceful drain costs seconds)."""
-    with start_model_server(str(tiny_model_dir)) as proc:
-        yield proc
-        proc.stop(signal.SIGKILL)
+def server(tiny_server: Proc) -> Proc:
+    """The model server most tests share (the session's: a start costs seconds)."""
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,10 @@ async def test_replayed_cuda_graphs_give_the_tokens_of_eager_static_steps(
     modes = _Modes()
     graphs, runner = await _run(loaded, True, modes=modes)
     assert runner.static is not None and runner.static.capture, "a capture failed"
-    assert runner.static.captured > 0 and modes.counts["graph"] > LONG
+    # Each join, leave and capacity growth changes the key: one eager warm-up step there,
+    # then a capture; all the other steps replay.
+    steps = sum(modes.counts.values())
+    assert runner.static.captured > 0 and modes.counts["graph"] > steps // 2
     assert set(modes.counts) == {"static", "graph"}
     assert graphs == eager
     if dtype == "float32":
