@@ -58,8 +58,8 @@ class ServerMetrics(EngineObserver):
         )
         self.decode_steps = Counter(
             "glmserve_decode_steps",
-            "Decode steps by how they ran: ordinary, static (CUDA, eager), graph (a replayed "
-            "CUDA graph)",
+            "Decode steps by how they ran: ordinary, static (CUDA, eager), capture (a CUDA "
+            "graph captured, then replayed), graph (a replayed CUDA graph)",
             ["mode"],
             registry=r,
         )

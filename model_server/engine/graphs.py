@@ -13,15 +13,17 @@ A graph replays fixed addresses and shapes, so a lane's decode step is made stat
   and attention reads the buffers' whole capacity, the positions beyond the lane's width
   masked out (zeroed once, so a masked weight of 0 never meets a NaN). A lane's buffers grow
   by ``kv.GROW_TOKENS`` positions at a time, so one shape serves up to 64 steps.
-- **The inputs** (token ids, positions, an additive ``[B, 1, 1, capacity]`` mask, the write
-  position) are device tensors of the lane's own, refilled before each step.
+- **The inputs** (token ids, positions, the lane's bool mask, the write position) are device
+  tensors of the lane's own, refilled before each step; the step itself turns the bool mask
+  into the additive ``[B, 1, 1, capacity]`` one that attention takes.
 
 The step is identified by its *key*: the batch size and every layer's buffer addresses,
-shapes and strides. A join, a leave or a growth changes the key. The first step at a new key
-runs eagerly (static shapes, on the capture stream: it warms up cuBLAS and the allocator for
-it); the second captures a graph, which then replays until the key changes. A batch whose rows
-come and go every step thus runs eagerly at nearly the old cost (one extra capture per key
-that lasted two steps), and a steady batch replays.
+shapes and strides. A join, a leave or a growth changes the key. The process's first static
+step runs eagerly (on the capture stream: it warms up cuBLAS there, whose lazy set-up cannot
+be captured); from then on the first step at a new key captures a graph, which replays until
+the key changes. (An eager warm-up at every key, as CUDA graphs are often used, would cost a
+step at ~2.5x a replay's time per key, and in ``bench.gpu``'s 16- and 64-stream levels a key
+lasts ~17 steps.)
 
 The eager static step and the replay run the same kernels on the same shapes, so a lane's
 tokens do not depend on whether its step was captured. They can differ in the last bits from a
@@ -60,7 +62,8 @@ class _LaneState:
     key: _Key
     ids: torch.Tensor  # [B, 1]
     positions: torch.Tensor  # [B, 1]
-    mask: torch.Tensor  # [B, 1, 1, capacity], 0 / -inf in the model's dtype
+    valid: torch.Tensor  # [B, capacity] bool: the lane's 2-D mask, beyond its width False
+    mask: torch.Tensor  # [B, 1, 1, capacity], 0 / -inf in the model's dtype, made from valid
     write_at: torch.Tensor  # [1]
     steps: int = 0  # steps run at this key
     graph: torch.cuda.CUDAGraph | None = None
@@ -100,7 +103,8 @@ class StaticDecode:
         """One decode step of a lane: ``ids``/``positions`` ``[B, 1]``, ``mask`` the lane's 2-D
         mask including the new column (host tensors). Appends to ``cache``; returns the
         logits ``[B, V]`` (a graph's output buffer when replayed: read it before the next
-        step) and how the step ran: ``"graph"`` (replayed) or ``"static"`` (eagerly)."""
+        step) and how the step ran: ``"graph"`` (replayed), ``"capture"`` (captured, then
+        replayed) or ``"static"`` (eagerly)."""
         layers: list[kv.GrowableLayer] = cache.layers  # type: ignore[assignment]
         width = layers[0].get_seq_length()
         if width + 1 > layers[0]._k.shape[-2]:  # type: ignore[union-attr]
@@ -113,14 +117,15 @@ class StaticDecode:
         self._fill(state, ids, mask, positions, width)
         if state.graph is not None:
             state.graph.replay()
-            logits, replayed = state.logits, True
+            logits, mode = state.logits, "graph"
         else:
-            logits, replayed = self._run(state, cache, self.capture and state.steps >= 1)
+            warm = state.steps >= 1 or self.captured > 0
+            logits, mode = self._run(state, cache, self.capture and warm)
         for layer in layers:
             layer._len = width + 1
         state.steps += 1
         assert logits is not None
-        return logits, "graph" if replayed else "static"
+        return logits, mode
 
     def _new_state(
         self, key: _Key, layers: list[kv.GrowableLayer], width: int, rows: int
@@ -135,6 +140,7 @@ class StaticDecode:
             key=key,
             ids=torch.zeros(rows, 1, **long),
             positions=torch.zeros(rows, 1, **long),
+            valid=torch.zeros(rows, capacity, dtype=torch.bool, device=device),
             mask=torch.zeros(rows, 1, 1, capacity, dtype=self._dtype, device=device),
             write_at=torch.zeros(1, **long),
         )
@@ -147,26 +153,26 @@ class StaticDecode:
         positions: torch.Tensor,
         width: int,
     ) -> None:
-        rows, capacity = state.mask.shape[0], state.mask.shape[-1]
-        additive = torch.full((rows, capacity), float("-inf"), dtype=self._dtype)
-        additive[:, : mask.shape[1]].masked_fill_(mask.bool(), 0.0)
-        state.mask.copy_(additive.view(rows, 1, 1, capacity), non_blocking=False)
+        # Only the lane's own columns travel (a bool each); the step turns them into the
+        # additive mask on the device. Building that mask on the host (bf16, rows x capacity)
+        # and copying it was 15 % of the engine thread at 64 streams on an H100.
+        state.valid[:, : mask.shape[1]].copy_(mask)
         state.ids.copy_(ids)
         state.positions.copy_(positions)
         state.write_at.fill_(width)
 
     def _run(
         self, state: _LaneState, cache: kv.GrowableCache, capture: bool
-    ) -> tuple[torch.Tensor, bool]:
-        """The step eagerly, or captured and then replayed (True). Eager steps and captures run on
-        the capture stream (the eager step before a capture is its warm-up, as CUDA graphs
-        want); a replay runs on the current stream."""
+    ) -> tuple[torch.Tensor, str]:
+        """The step eagerly (``"static"``), or captured and then replayed (``"capture"``).
+        Eager steps and captures run on the capture stream (the process's first eager step is
+        the warm-up CUDA graphs want); a replay runs on the current stream."""
         layers: list[kv.GrowableLayer] = cache.layers  # type: ignore[assignment]
         for layer in layers:
             layer.write_at = state.write_at
         try:
             if self._stream is None:
-                return self._forward(state.ids, state.mask, state.positions, cache), False
+                return self._forward_step(state, cache), "static"
             current = torch.cuda.current_stream(self._device)
             self._stream.wait_stream(current)
             graph = None
@@ -174,16 +180,22 @@ class StaticDecode:
                 if capture:
                     graph = self._capture(state, cache)
                 if graph is None:
-                    logits = self._forward(state.ids, state.mask, state.positions, cache)
+                    logits = self._forward_step(state, cache)
             current.wait_stream(self._stream)
             if graph is not None:
                 graph.replay()
-                return state.logits, True  # type: ignore[return-value]
+                return state.logits, "capture"  # type: ignore[return-value]
             logits.record_stream(current)  # made on the capture stream, read on this one
-            return logits, False
+            return logits, "static"
         finally:
             for layer in layers:
                 layer.write_at = None
+
+    def _forward_step(self, state: _LaneState, cache: kv.GrowableCache) -> torch.Tensor:
+        """The additive mask from ``valid``, then the forward: what a graph captures."""
+        state.mask.fill_(float("-inf"))
+        state.mask.masked_fill_(state.valid[:, None, None, :], 0.0)
+        return self._forward(state.ids, state.mask, state.positions, cache)
 
     def _capture(self, state: _LaneState, cache: kv.GrowableCache) -> torch.cuda.CUDAGraph | None:
         graph = torch.cuda.CUDAGraph()
@@ -193,7 +205,7 @@ class StaticDecode:
             # (an internal assert) at the capture after its last graph was freed.
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                logits = self._forward(state.ids, state.mask, state.positions, cache)
+                logits = self._forward_step(state, cache)
             except BaseException:
                 with contextlib.suppress(Exception):  # ends the capture; the cause is below
                     graph.capture_end()

@@ -89,7 +89,7 @@ class ModelRunner:
         """One decode step of a lane (``mask`` includes the new column): the static step when
         there is one (a CUDA graph's output on a GPU: read it before the next step), else
         :meth:`forward`. Returns the logits and how the step ran (``ordinary``, ``static``,
-        ``graph``: the metrics' modes)."""
+        ``capture``, ``graph``: the metrics' modes)."""
         static = self.static
         if static is not None and StaticDecode.usable(cache):
             logits, mode = static.step(input_ids, mask, positions, cache)

@@ -123,8 +123,8 @@ class EngineObserver:
     def step(self, kind: str, batch_size: int, tokens: int) -> None: ...
 
     def decode_step(self, mode: str) -> None:
-        """How a decode step ran: ``ordinary``, ``static`` (CUDA, eager) or ``graph`` (a
-        replayed CUDA graph; engine/graphs.py)."""
+        """How a decode step ran: ``ordinary``, ``static`` (CUDA, eager), ``capture`` (a CUDA
+        graph captured, then replayed) or ``graph`` (a replayed one; engine/graphs.py)."""
 
     def kv_usage(
         self, used_blocks: int, total_blocks: int, block_size: int, cached_blocks: int
