@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from model_server.engine.detokenizer import IncrementalDetokenizer
+from model_server.engine.detokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer
 from model_server.engine.sampling import PenaltyState, RowSampling, exponential_race, sample
 from model_server.engine.stop import StopStringMatcher
 from model_server.engine.types import SamplingParams
@@ -64,6 +64,38 @@ def test_detokenizer_streams_whole_characters(hf_tokenizer, text):
     assert "".join(pieces) == hf_tokenizer.decode(ids) == text
     if not text.isascii():  # some tokens were partial characters, held back
         assert any(p == "" for p in pieces[:-1])
+
+
+@pytest.fixture(scope="module")
+def glm_tokenizer(tiny_chatglm2_dir):
+    from model_server.models.chatglm2 import ChatGLM2Tokenizer
+
+    return ChatGLM2Tokenizer(tiny_chatglm2_dir / "tokenizer.model")
+
+
+@pytest.mark.parametrize("which", ["hf", "glm"])
+@pytest.mark.parametrize("junk", ["lone byte", "decodes to nothing"])
+def test_detokenizer_lets_out_text_that_can_never_finish(which, junk, request):
+    """Tokens a client can force with logit_bias: a lone UTF-8 continuation byte (never a whole
+    character) or an id that decodes to nothing. The held window stays bounded (each push
+    decoded all of it: quadratic), and the text around them still comes out whole."""
+    tok = request.getfixturevalue(f"{which}_tokenizer")
+    if junk == "lone byte":
+        bad = next(i for i in range(1000) if tok.decode([i]) == "\ufffd")
+    else:
+        bad = next(i for i in range(tok.vocab_size) if tok.decode([i]) == "")
+    ids = tok.encode("héllo 日本") + [bad] * 300 + tok.encode(" wörld 🎉 done")
+    d = IncrementalDetokenizer(tok)
+    pieces, widest = [], 0
+    for i in ids:
+        pieces.append(d.push(i))
+        widest = max(widest, len(d._ids) - d._prefix_offset)
+    pieces.append(d.flush())
+    assert widest <= 2 * MAX_HELD_TOKENS
+    assert "".join(pieces) == tok.decode(ids)
+    assert "".join(pieces).endswith(" wörld 🎉 done") and "héllo 日本" in pieces[0] + pieces[
+        1
+    ] + "".join(pieces)
 
 
 def pick(*args, **kwargs) -> list[int | None]:
