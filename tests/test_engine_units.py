@@ -76,7 +76,7 @@ def glm_tokenizer(tiny_chatglm2_dir):
 @pytest.mark.parametrize("which", ["hf", "glm"])
 @pytest.mark.parametrize("junk", ["lone byte", "decodes to nothing"])
 def test_detokenizer_lets_out_text_that_can_never_finish(which, junk, request):
-    """Tokens a client can force with logit_bias: a lone UTF-8 continuation byte (never a whole
+    """Tokens a broken or random model emits: a lone UTF-8 continuation byte (never a whole
     character) or an id that decodes to nothing. The held window stays bounded (each push
     decoded all of it: quadratic), and the text around them still comes out whole."""
     tok = request.getfixturevalue(f"{which}_tokenizer")

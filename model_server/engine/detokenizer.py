@@ -13,12 +13,12 @@ from ..models.base import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 # A character is at most 4 bytes, so at most 4 tokens: text still unfinished this many tokens
-# after the last emitted one never will be (stray bytes, say), and
-# is let out as it decodes, all but its last 3 tokens (a character starting there may still
-# finish; one starting earlier would span more than 4). Without the bound each push decoded
-# the whole held window, so a client forcing a lone byte token through logit_bias cost the
-# engine thread 1.6 ms a step after 4,000 tokens, and growing (an H100's step at 64 streams
-# is ~20 ms).
+# after the last emitted one never will be (stray bytes, say), and is let out as it decodes,
+# all but its last 3 tokens (a character starting there may still finish; one starting
+# earlier would span more than 4). Without the bound each push decoded the whole held window:
+# a model emitting lone bytes (a broken fine-tune, bench.gpu's random weights) cost the engine
+# thread 1.6 ms a push after 4,000 tokens, and growing (an H100's step at 64 streams is
+# ~20 ms).
 MAX_HELD_TOKENS = 8
 _CHAR_TOKENS = 4
 
