@@ -147,13 +147,16 @@ def test_prefill_columns_find_what_no_query_reads_and_where_the_mask_starts() ->
 
 
 @needs_onednn
+@pytest.mark.parametrize("values_by_sgemm", [False, True])
 @pytest.mark.parametrize("block_bytes", [attention.SCORE_BYTES, 4 * 3 * 40 * 7])
 def test_prefill_on_onednn_is_sdpa_up_to_rounding(
-    block_bytes: int, monkeypatch: pytest.MonkeyPatch
+    block_bytes: int, values_by_sgemm: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two rows (one with left padding), grouped heads, values wider than keys, in one block
-    of query rows and in blocks of 7: the result is SDPA's on the same mask."""
+    of query rows and in blocks of 7, the values product on oneDNN and on MKL (which one a
+    CPU gets depends on its features): the result is SDPA's on the same mask."""
     monkeypatch.setattr(attention, "SCORE_BYTES", block_bytes)
+    monkeypatch.setattr(attention, "VALUES_BY_SGEMM", values_by_sgemm)
     gen = torch.Generator().manual_seed(3)
     rows, heads, kv_heads, n, cached, dim = 2, 6, 2, 19, 24, 16
     q = torch.randn(rows, heads, n, dim, generator=gen)

@@ -30,7 +30,8 @@ whose blocks go through MKL's sgemm (~150 GFLOP/s on the AMD CI box: MKL's gener
 Per row and KV head, the query heads sharing that KV head are stacked into one matrix; scores
 ``q·Kᵀ``, the mask added to the columns it does not leave at 0, an exact softmax, then ``P·V``,
 both products by ``torch.ops.mkldnn._linear_pointwise`` on the cache's own memory (no reorder,
-~440 GFLOP/s), in blocks of query rows whose scores stay under ``SCORE_BYTES``; the softmax
+~440 GFLOP/s; ``P·V`` by MKL's sgemm where the CPU's best is AVX2: ``VALUES_BY_SGEMM``), in
+blocks of query rows whose scores stay under ``SCORE_BYTES``; the softmax
 runs in place over the scores. Columns no query of a row reads (its left padding) are skipped.
 The mask function finds those columns once per forward; a mask with a query row that reads
 nothing (a padded group's padding) keeps the flash kernel, whose handling of such rows the
@@ -71,6 +72,11 @@ PREFILL_COLUMNS = "glmserve_prefill_columns"
 # ~3,900 positions in one block (blocks of 64 rows were 6 % slower), and under hostmem's mmap
 # threshold, so the scores are reused heap memory, not fresh pages.
 SCORE_BYTES = 8 * 2**20
+# Where the values product (probabilities x V) of a prompt over cached KV runs: oneDNN's
+# matmul on the AVX-512 box (~430 GFLOP/s, MKL's generic path ~150), MKL's sgemm
+# (``torch.mm``) on a CPU whose best is AVX2, where oneDNN's reached ~57 GFLOP/s at turn 16's
+# shape and MKL's ~100 (docs/engine.md, "Prompts over cached KV on oneDNN").
+VALUES_BY_SGEMM = torch.backends.cpu.get_cpu_capability() == "AVX2"
 # The attribute of a decode step's additive mask that holds its runs of rows (see above).
 RUNS = "glmserve_decode_runs"
 # SDPA's backends on CUDA: all but cuDNN's, which plans each new key length anew (see above).
@@ -226,7 +232,10 @@ def _prefill_onednn(
                         r, 0, a:b, zero_until:
                     ]
                 torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place
-                o = matmul(scores, values_t, None, "none", [], "")
+                if VALUES_BY_SGEMM:
+                    o = torch.mm(scores, value[r, h, first:])
+                else:
+                    o = matmul(scores, values_t, None, "none", [], "")
                 out[r, a:b, heads_of_h] = o.view(groups, b - a, -1).transpose(0, 1)
     return out
 
