@@ -72,10 +72,10 @@ class Settings:
         env="GLMSERVE_CPU_LINEAR",
         choices=("auto", "onednn", "torch"),
         help="how an fp32 model's linears run on the CPU: `onednn` packs each weight once at "
-        "load for oneDNN (about 2x faster than torch's MKL path on AMD CPUs; last-bit "
-        "differences only) and runs prompts over cached KV (prefix hits, later chunks) "
-        "attending through oneDNN too, `torch` leaves both to torch; `auto`: oneDNN on x86-64 "
-        "when this torch has it",
+        "load for oneDNN (about 2x faster than torch's MKL path on AMD CPUs with AVX-512, on "
+        "par on AVX2 ones; last-bit differences only) and runs prompts over cached KV (prefix "
+        "hits, later chunks) attending as explicit matmuls too, `torch` leaves both to torch; "
+        "`auto`: oneDNN on x86-64 when this torch has it",
     )
     fused_layers: bool = setting(
         True,
