@@ -221,7 +221,7 @@ def _prefill_onednn(
         block = max(1, SCORE_BYTES // (4 * groups * width))
         for h in range(heads // groups):
             keys = key[r, h, first:]
-            values_t = value[r, h, first:].t()  # a view: oneDNN reads it strided
+            values = value[r, h, first:]
             heads_of_h = slice(h * groups, (h + 1) * groups)
             for a in range(0, n, block):
                 b = min(n, a + block)
@@ -233,9 +233,9 @@ def _prefill_onednn(
                     ]
                 torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place
                 if VALUES_BY_SGEMM:
-                    o = torch.mm(scores, value[r, h, first:])
-                else:
-                    o = matmul(scores, values_t, None, "none", [], "")
+                    o = torch.mm(scores, values)
+                else:  # values.t(): a view, oneDNN reads it strided
+                    o = matmul(scores, values.t(), None, "none", [], "")
                 out[r, a:b, heads_of_h] = o.view(groups, b - a, -1).transpose(0, 1)
     return out
 

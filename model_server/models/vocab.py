@@ -51,6 +51,5 @@ def token_bytes_table(
     """One entry per id: the raw bytes of the token; a special token's name as UTF-8."""
     convert = byte_level_bytes if byte_level else sentencepiece_bytes
     return [
-        b"" if p is None else p.encode() if special(i) else convert(p)
-        for i, p in enumerate(pieces)
+        b"" if p is None else p.encode() if special(i) else convert(p) for i, p in enumerate(pieces)
     ]
