@@ -22,7 +22,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_health_loading_serving_then_drain(tiny_model_dir):
-    p = spawn_model_server(str(tiny_model_dir), "--drain-seconds", "20", wait=False)
+    # fresh: the console script's own start, torch imported after the port is up
+    p = spawn_model_server(str(tiny_model_dir), "--drain-seconds", "20", wait=False, fresh=True)
     try:
         seen = []
         deadline = time.monotonic() + 120
