@@ -58,7 +58,7 @@ def scripted_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenize
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model_dir: Path):  # noqa: ANN201 - Iterator[Proc]
     """One model server on the tiny random Llama with default flags, shared by every module
-    that needs nothing else (a start costs ~10 s of imports on a 2-core box). Tests that
+    that needs nothing else (a start costs ~1 s even as a fork). Tests that
     freeze it (SIGSTOP) let it go on before they end; none stops it."""
     import signal
 
