@@ -71,18 +71,14 @@ def _become_server(request: dict) -> int:
 
     from model_server.cli import main
 
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+    main()  # its SystemExit leaves through serve() and the interpreter, as a script's does
     return 0
 
 
 def serve() -> int:
-    """Preloads, then forks one server per request line until stdin closes. Returns in a
-    forked server with its exit status (so it leaves through the interpreter's own exit:
-    atexit handlers, non-daemon threads, flushed streams)."""
+    """Preloads, then forks one server per request line until stdin closes. In a forked
+    server it returns (or raises ``main``'s SystemExit) instead, so the server leaves through
+    the interpreter's own exit: atexit handlers, non-daemon threads, flushed streams."""
     for name in PRELOAD:
         importlib.import_module(name)
     _reply({"ready": True})

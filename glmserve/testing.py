@@ -135,9 +135,6 @@ class Adopted:
         if self.poll() is None:  # never a reused pid
             os.kill(self.pid, sig)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 

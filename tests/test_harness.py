@@ -44,7 +44,6 @@ def test_a_forked_model_server_is_our_child_with_its_own_flags_and_exit_status(
         assert psutil.Process(p.pid).ppid() == os.getpid()
         assert f"address=127.0.0.1:{p.port} " in p.log_text()
         assert p.stop() == 0  # SIGTERM: a drain, then exit 0
-        assert p.proc.poll() == 0
     finally:
         p.stop(signal.SIGKILL)
     killed = testing.spawn_model_server(str(tiny_model_dir))
