@@ -85,6 +85,41 @@ async def test_the_next_turn_finds_the_previous_one_to_its_last_computed_token(t
     assert hits == {False: 0, True: computed}
 
 
+async def test_a_prefix_hit_does_not_evict_other_conversations_for_itself(tiny):
+    """A follow-up turn finds its first 15 blocks cached. Caching its own blocks afterwards
+    must make room for the new ones only, not for the hit again: in a 64-block pool, which
+    holds the follow-up's lane and every cached block of both chats, the other chat (the
+    least recently used) stays cached in full. (Making room for the hit's blocks a second
+    time evicted a quarter of it in pools of 56 to 69 blocks.)"""
+    engine = Engine(tiny, EngineConfig(block_size=4, kv_cache_tokens=64 * 4))
+    engine.start()
+    try:
+        other = tiny.chat_format.render(
+            [ChatMessage("user", "Other conversation about gardening and tomatoes")]
+        )
+        await asyncio.wait_for(_generate(engine, other, 4, "other"), 60)
+        first = tiny.chat_format.render(
+            [
+                ChatMessage(
+                    "user",
+                    "A long first question about the history of the Roman empire and its "
+                    "roads, bridges and aqueducts",
+                )
+            ]
+        )
+        reply = await asyncio.wait_for(_generate(engine, first, 12, "first"), 60)
+        follow = first + reply + tiny.chat_format.render([ChatMessage("user", "and then?")])[-8:]
+        before = engine.scheduler.prefix_hits
+        await asyncio.wait_for(_generate(engine, follow, 4, "follow"), 60)
+        assert engine.scheduler.prefix_hits - before == (len(first) + len(reply) - 1) // 4 * 4
+        before = engine.scheduler.prefix_hits
+        await asyncio.wait_for(_generate(engine, other, 4, "other again"), 60)
+        assert engine.scheduler.prefix_hits - before == (len(other) - 1) // 4 * 4
+        assert engine.scheduler.num_preemptions == 0
+    finally:
+        engine.shutdown()
+
+
 async def test_preemption_storm_keeps_every_token(tiny):
     """A pool so small that 12 concurrent requests preempt each other over and over: every
     reply still equals its solo run, token for token."""

@@ -38,16 +38,21 @@ class FakeSeq:
 
 
 class FakeMemory:
-    """Each admitted request holds ceil(tokens / BS) blocks once it runs."""
+    """Each admitted request holds ceil(tokens / BS) blocks once it runs; ``pending``: what
+    prefilling requests' own caches hold meanwhile."""
 
     def __init__(self, total: int, prefix: PrefixIndex | None = None) -> None:
         self.total = total
         self.held: dict[int, int] = {}
+        self.pending: dict[int, int] = {}
         self.prefix = prefix
 
     def free_blocks(self) -> int:
         cached = len(self.prefix) if self.prefix is not None else 0
-        return self.total - sum(self.held.values()) - cached
+        return self.total - sum(self.held.values()) - sum(self.pending.values()) - cached
+
+    def pending_blocks(self, seq: FakeSeq) -> int:
+        return self.pending.get(id(seq), 0)
 
     def join_cost(self, rows: int, width: int) -> int:
         return rows * math.ceil(width / BS)
@@ -115,16 +120,16 @@ def test_make_room_evicts_cache_first_then_preempts_the_youngest():
         preempted.append(s)
         del memory.held[id(s)]
 
-    assert sched.make_room(4, preempt)
+    assert sched.make_room(lambda: 4, preempt)
     assert preempted == [] and len(sched.prefix) == 0  # the cache went first
     seqs[3].output = [7, 8]  # it streamed two tokens before it was preempted
-    assert sched.make_room(12, preempt)
+    assert sched.make_room(lambda: 12, preempt)
     assert preempted == [seqs[3], seqs[2]]  # youngest first
     assert list(sched.waiting) == [seqs[2], seqs[3]]  # back at the front, in order
     assert sched.num_preemptions == 2 and seqs[3].num_computed == 0
     assert seqs[3].tokens[-2:] == [7, 8]  # recomputed later with what it already streamed
     # Never the last admitted request.
-    assert not sched.make_room(100, preempt)
+    assert not sched.make_room(lambda: 100, preempt)
     assert len(sched.running) == 1 and sched.running[0] is seqs[0]
 
 
@@ -136,8 +141,30 @@ def test_make_room_keeps_the_joining_rows():
     sched.admit()
     run(sched, memory, [a, b])
     gone: list[FakeSeq] = []
-    assert sched.make_room(8, lambda s: (gone.append(s), memory.held.pop(id(s))), keep=[b])
+    assert sched.make_room(lambda: 8, lambda s: (gone.append(s), memory.held.pop(id(s))), keep=[b])
     assert gone == [a]
+
+
+def test_make_room_asks_for_the_need_again_after_each_victim():
+    """What the running requests need (their next growth) shrinks as victims leave: one
+    victim that brings the need within reach is enough."""
+    sched, memory = make(total=12)
+    seqs = [FakeSeq(f"r{i}", [1] * 12) for i in range(4)]  # 3 blocks each: the pool is full
+    for s in seqs:
+        sched.add(s)
+    sched.admit()
+    run(sched, memory, seqs)
+    gone: list[FakeSeq] = []
+
+    def preempt(s: FakeSeq) -> None:
+        gone.append(s)
+        del memory.held[id(s)]
+
+    def growth() -> int:  # one block per running request
+        return len(memory.held)
+
+    assert sched.make_room(growth, preempt)
+    assert gone == [seqs[3]]  # 3 free, 3 needed; a fixed need of 4 took a second victim
 
 
 def test_prefix_hits_skip_full_cached_blocks_but_always_compute_the_last_token():
@@ -181,6 +208,25 @@ def test_prefill_plan_groups_similar_lengths_within_the_padded_budget_and_chunks
     assert sched.next_prefill() == [(long_, 256)]  # longer than the budget: alone, one chunk
     long_.num_computed = 256
     assert sched.next_prefill() == [(long_, 44), (mid, 60)]
+
+
+def test_prefill_groups_keep_the_padding_of_their_cached_parts_within_the_budget():
+    """Rows of a group share one cache, left-padded to the longest cached part: a new prompt
+    beside a long chat's next turn (3,500 tokens found in the cache) would carry 3,500 empty
+    positions. Turns with similar histories still go together."""
+    sched, _ = make(chunk=256, seats=16, total=10_000)
+    turn, fresh, sibling = (
+        FakeSeq(n, [1] * k) for n, k in (("turn", 3600), ("new", 90), ("sib", 3590))
+    )
+    for s in (turn, fresh, sibling):
+        sched.add(s)
+    sched.admit()
+    turn.num_computed, sibling.num_computed = 3500, 3480  # prefix hits
+    plan = sched.next_prefill()
+    assert [s for s, _ in plan] == [turn, sibling]  # 20 padded positions, not 3,500
+    sched.prefilling.remove(turn)
+    sched.prefilling.remove(sibling)
+    assert sched.next_prefill() == [(fresh, 90)]
 
 
 def test_aborts_are_by_identity_not_request_id():
@@ -270,3 +316,17 @@ def test_paused_requests_are_not_work_but_can_be_aborted():
     sched.park(a)
     assert not sched.has_work()
     assert sched.remove({id(a)}) == [a] and not sched.paused
+
+
+def test_a_prefilling_request_counts_once_its_reservation_or_what_it_holds():
+    """A long prompt's chunks fill the row it reserved: counting both its cache and its whole
+    reservation would make the pool look full (and the request itself the next victim)."""
+    sched, memory = make(total=20)
+    long = FakeSeq("long", [1] * 40)  # reserves 10 blocks
+    sched.add(long)
+    assert sched.admit() == [long]
+    assert sched.available() == 10
+    memory.pending[id(long)] = 6  # two chunks computed
+    assert sched.available() == 10
+    memory.pending[id(long)] = 12  # more than reserved (a wider cache): that is what counts
+    assert sched.available() == 8

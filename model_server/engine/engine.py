@@ -62,6 +62,8 @@ class EngineConfig:
     kv_cache_tokens: int = 1 << 16
     block_size: int = 16
     # Most (padded) prompt tokens prefilled per step; longer prompts go in chunks this size.
+    # The server passes its per-device default (server.prefill_chunk_for); this one is for
+    # engines built in-process (tests, bench.engine_profile).
     prefill_chunk_tokens: int = 512
     prefix_caching: bool = True
     # Watchdog: a step running longer than this declares the engine dead.
@@ -91,11 +93,8 @@ class RequestStream:
     aborts: the event loop never touches the engine's structures.
     """
 
-    def __init__(
-        self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop, backlog: int
-    ) -> None:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, backlog: int) -> None:
         self._engine = engine
-        self.request_id = request_id
         self._loop = loop
         self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self.seq: Sequence | None = None
@@ -162,7 +161,7 @@ class RequestStream:
 
 
 def merged(outs: list[StepOutput]) -> StepOutput:
-    """Consecutive outputs of one request as one (the last one's ending and timings)."""
+    """Consecutive outputs of one request as one (the last one's ending and usage)."""
     if len(outs) == 1:
         return outs[0]
     last = outs[-1]
@@ -173,8 +172,6 @@ def merged(outs: list[StepOutput]) -> StepOutput:
         prompt_logprobs=outs[0].prompt_logprobs,
         finish_reason=last.finish_reason,
         usage=last.usage,
-        time_to_first_token=last.time_to_first_token,
-        duration=last.duration,
         error=last.error,
     )
 
@@ -259,9 +256,7 @@ class Engine:
                 f"server busy: {len(self._streams)} requests in flight (--max-num-seqs "
                 f"{cfg.max_num_seqs} + --max-waiting {cfg.max_waiting}); retry later"
             )
-        stream = RequestStream(
-            self, request.request_id, asyncio.get_running_loop(), cfg.max_stream_backlog
-        )
+        stream = RequestStream(self, asyncio.get_running_loop(), cfg.max_stream_backlog)
         seq = Sequence(
             request,
             lambda out: self._post(stream, out),
@@ -365,11 +360,14 @@ class Engine:
                     self._flush()
 
     def _iteration(self) -> None:
+        if self._aborts or self._pauses:  # they free KV (a lane's rows are copied): watched
+            self._step_started = time.monotonic()
         self._take_inbox()
         self._apply_aborts()
         self._apply_pauses()
         sched = self.scheduler
         if not sched.has_work():
+            self._step_started = None
             self._publish()
             self._flush()  # aborted requests' last outputs
             self._wake.wait(timeout=1.0)
@@ -383,6 +381,9 @@ class Engine:
             if seq.prefix_hit:
                 self.kv.load_prefix(seq, seq.prefix_hit)  # type: ignore[arg-type]
                 seq.prefix_hit = []
+                # The hit's full blocks are cached already: caching the request's blocks
+                # later must not evict other requests' blocks to make room for them again.
+                seq.cached_blocks = seq.num_computed // self.config.block_size
         if admitted:  # the gauges count a request as running before its first token is out
             self._publish()
         self._prefill_step()
@@ -397,9 +398,12 @@ class Engine:
     def _apply_aborts(self) -> None:
         if not self._aborts:
             return
-        keys = set()
+        # The aborted requests stay referenced until removed: one that just finished may be
+        # freed here otherwise, and a request submitted meanwhile could reuse its id().
+        aborted = []
         while self._aborts:
-            keys.add(id(self._aborts.popleft()))
+            aborted.append(self._aborts.popleft())
+        keys = set(map(id, aborted))
         # A request is submitted before it can be aborted: taking the inbox after draining the
         # aborts guarantees every aborted request is visible below (none slips through).
         self._take_inbox()
@@ -579,8 +583,11 @@ class Engine:
             cache, mask = kv.select(cache, mask, torch.tensor(joining))
         rows = [group[i] for i in joining]
         self.scheduler.joined(rows)
-        # Admission reserved this; only an estimate's error can make the join short of room.
-        self.scheduler.make_room(self.kv.join_cost(len(rows), mask.shape[1]), self._preempt, rows)
+        # Admission reserved each row alone: a group's padding (within the prefill budget), or
+        # a lane that changed since, can make the join short of room.
+        self.scheduler.make_room(
+            lambda: self.kv.join_cost(len(rows), mask.shape[1]), self._preempt, rows
+        )
         self.kv.join(rows, cache, mask)
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor, start: int) -> bool:
@@ -655,8 +662,9 @@ class Engine:
     def _decode_step(self) -> None:
         if not self.kv.lanes:
             return
-        need = self.kv.decode_growth()
-        if need and not self.scheduler.make_room(need, self._preempt):
+        if self.kv.decode_growth() and not self.scheduler.make_room(
+            self.kv.decode_growth, self._preempt
+        ):
             # Even with everyone else preempted the pool cannot hold one more token.
             for lane in list(self.kv.lanes):
                 if lane.width + 1 > lane.capacity():

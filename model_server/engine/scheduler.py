@@ -74,6 +74,10 @@ class MemoryModel(Protocol):
         """Blocks the running lanes take at their next growth."""
         ...
 
+    def pending_blocks(self, seq: Any) -> int:
+        """Blocks a prefilling request's own cache holds already (a prefix hit, chunks)."""
+        ...
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -166,7 +170,11 @@ class Scheduler:
     # ---- memory ----------------------------------------------------------------------------
 
     def _reserved(self) -> int:
-        return sum(s.reserved_blocks for s in self.prefilling)
+        # A prefilling request's cache grows into the row it reserved: what it holds already
+        # is counted as used by the memory, so only the rest of its reservation is added.
+        return sum(
+            max(0, s.reserved_blocks - self.memory.pending_blocks(s)) for s in self.prefilling
+        )
 
     def available(self) -> int:
         """Free blocks after the prefilling requests' reservations (cache not evicted)."""
@@ -181,15 +189,17 @@ class Scheduler:
 
     def make_room(
         self,
-        need: int,
+        need: Callable[[], int],
         preempt: Callable[[SchedSeq], None],
         keep: Iterable[SchedSeq] = (),
     ) -> bool:
-        """Frees ``need`` blocks: cached prefix blocks first, then the most recently admitted
-        requests (never one in ``keep``, never the last admitted one). ``preempt`` frees a
-        victim's KV; it is then requeued at the front. False when even that is not enough."""
+        """Frees ``need()`` blocks: cached prefix blocks first, then the most recently
+        admitted requests (never one in ``keep``, never the only one left). ``preempt`` frees
+        a victim's KV; it is then requeued at the front. ``need`` is asked again after each
+        victim, whose leaving may shrink it (a lane that no longer grows, or grows by fewer
+        rows). False when even that is not enough."""
         kept = set(map(id, keep))
-        while not self.free_up(need):
+        while not self.free_up(need()):
             victims = [s for s in (*self.prefilling, *self.running) if id(s) not in kept]
             if not victims or self.num_admitted <= 1:
                 return False
@@ -250,7 +260,11 @@ class Scheduler:
 
         The oldest admitted request first. When its remaining tokens exceed the budget it is
         prefilled alone, one chunk; otherwise it is grouped with the requests closest to it in
-        remaining length while the padded size (rows x longest) stays within the budget.
+        remaining length while the padded size (rows x longest) stays within the budget, and
+        so does the padding of their cached parts: a group's rows share one cache, each
+        left-padded to the longest cached part (a prefix hit, earlier chunks), so a short
+        new prompt beside a long conversation's turn would carry thousands of empty
+        positions, in memory its admission never reserved and in every step's attention.
         """
         if not self.prefilling:
             return []
@@ -270,6 +284,9 @@ class Scheduler:
         for seq in others:
             new_longest = max(longest, todo(seq))
             if new_longest * (len(group) + 1) > budget:
+                continue
+            cached = [s.num_computed for s in (*group, seq)]
+            if sum(max(cached) - c for c in cached) > budget:
                 continue
             group.append(seq)
             longest = new_longest

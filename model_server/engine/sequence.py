@@ -154,22 +154,21 @@ class Sequence:
         return finish is not None
 
     def _finish(self, out: StepOutput, reason: FinishReason, now: float) -> None:
-        """Marks the end: usage and timings on the last output, one metrics + log record."""
+        """Marks the end: usage on the last output, one metrics + log record (with timings)."""
         self.finished = True
         out.finish_reason = reason
         out.usage = Usage(
             len(self.prompt_ids), len(self.output_ids), self.cached_prompt_tokens or 0
         )
         ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
-        out.time_to_first_token = ttft
-        out.duration = now - self.arrival
+        duration = now - self.arrival
         try:  # a metrics or logging failure must never keep the stream from ending
             self._observer.request_finished(
                 reason.value,
                 out.usage.prompt_tokens,
                 out.usage.completion_tokens,
                 ttft,
-                out.duration,
+                duration,
             )
             log.info(
                 "request done",
@@ -180,7 +179,7 @@ class Sequence:
                         "cached_prompt_tokens": out.usage.cached_prompt_tokens,
                         "completion_tokens": out.usage.completion_tokens,
                         "ttft_ms": None if ttft is None else round(ttft * 1e3, 1),
-                        "duration_ms": round(out.duration * 1e3, 1),
+                        "duration_ms": round(duration * 1e3, 1),
                         "finish_reason": reason.value,
                         **({"error": str(out.error)} if out.error is not None else {}),
                     }

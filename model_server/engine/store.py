@@ -96,6 +96,10 @@ class KVStore:
     def free_blocks(self) -> int:
         return self.total_blocks - self.used_blocks()
 
+    def pending_blocks(self, seq: Sequence) -> int:
+        part = self.pending.get(id(seq))
+        return self._blocks(kv.nbytes(part[0])) if part is not None else 0
+
     def _lane_bytes(self, rows: int, width: int) -> int:
         return rows * (width + kv.GROW_TOKENS) * self.bytes_per_token
 

@@ -9,7 +9,7 @@ from enum import StrEnum
 class FinishReason(StrEnum):
     STOP = "stop"  # end-of-sequence or a stop string
     LENGTH = "length"  # max_tokens or the context window
-    ABORTED = "aborted"  # the caller went away (never sent to a client)
+    ABORTED = "aborted"  # the caller went away, or the request failed: see StepOutput.error
 
 
 # Below this temperature a request is greedy (as vLLM does): dividing logits by 1e-40 gives
@@ -85,14 +85,11 @@ class StepOutput:
     prompt_logprobs: list | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
-    # Set on the last output, for logs and metrics.
-    time_to_first_token: float | None = None
-    duration: float | None = None
     error: BaseException | None = None
 
 
 class QueueFullError(RuntimeError):
-    """The waiting queue is at --max-waiting (→ RESOURCE_EXHAUSTED)."""
+    """--max-num-seqs + --max-waiting streams are in flight already (→ RESOURCE_EXHAUSTED)."""
 
 
 class RequestTooLargeError(ValueError):
@@ -105,8 +102,9 @@ class RowFailedError(RuntimeError):
 
 
 class StepFailedError(RuntimeError):
-    """A forward step failed and could not be pinned on one request: the requests in that
-    step end (→ INTERNAL)."""
+    """Generation failed for a reason that is not the request's input: a forward step
+    (its requests end), a bug in the loop (every request ends), or one request's own
+    output handling, e.g. the detokenizer (that request ends) (→ INTERNAL)."""
 
 
 class EngineDeadError(RuntimeError):
