@@ -57,8 +57,11 @@ def kv_bytes_per_token(model: str | None, dtype: str) -> int | None:
     try:
         if model is None:
             from model_server.models.gguf import cache_root, embedded_gguf_path
+            from model_server.settings import CLI
 
-            found = sorted(cache_root().glob(embedded_gguf_path().stem + "-*/config.json"))
+            # The directory the bench's model server (same environment) converted into.
+            root = cache_root(CLI.parse([]).cache_dir)
+            found = sorted(root.glob(embedded_gguf_path().stem + "-*/config.json"))
             config_file = found[-1]
         else:
             config_file = Path(model).expanduser() / "config.json"

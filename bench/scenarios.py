@@ -526,8 +526,11 @@ def weights_bytes(model: str | None, dtype: str) -> int | None:
     try:
         if model is None:
             from model_server.models.gguf import cache_root, embedded_gguf_path
+            from model_server.settings import CLI
 
-            folders = sorted(cache_root().glob(embedded_gguf_path().stem + "-*"))
+            # The directory the bench's model server (same environment) converted into.
+            root = cache_root(CLI.parse([]).cache_dir)
+            folders = sorted(root.glob(embedded_gguf_path().stem + "-*"))
             folder = folders[-1]
         else:
             folder = Path(model).expanduser()

@@ -171,6 +171,7 @@ class ModelServer:
                     device_map=s.device_map,
                     cpu_linear=s.cpu_linear,
                     fused_layers=s.fused_layers,
+                    cache_dir=s.cache_dir,
                 )
                 loop.call_soon_threadsafe(done.set_result, loaded)
             except BaseException as exc:  # noqa: BLE001 - reported on the loop

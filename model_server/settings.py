@@ -34,6 +34,16 @@ class Settings:
         help="the model id clients see",
         default_text="the model's name",
     )
+    cache_dir: str | None = setting(
+        None,
+        flag="--cache-dir",
+        env="GLMSERVE_CACHE_DIR",
+        metavar="DIR",
+        help="where the embedded default model is converted to a torch checkpoint on its first "
+        "start (~30 s, ~520 MB) and found on later ones; must be writable unless it already "
+        "holds the conversion",
+        default_text="`$XDG_CACHE_HOME/glmserve`, else `~/.cache/glmserve`",
+    )
     host: str = setting("127.0.0.1", flag="--host", env="GLMSERVE_HOST", help="address to bind")
     port: int = setting(50051, flag="--port", env="GLMSERVE_PORT", help="gRPC port")
     device: str = setting(

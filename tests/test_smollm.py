@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import time
+
 import grpc
 import pytest
 from grpc_client import chat_request, collect
@@ -109,3 +112,25 @@ def test_watchdog_marks_not_serving_ends_streams_and_exits_non_zero():
         assert "engine is dead" in p.log_text()
     finally:
         p.stop()
+
+
+def test_unwritable_cache_dir_fails_fast_naming_it(tmp_path):
+    """A --cache-dir the conversion cannot write to (a path under a regular file: unwritable
+    even for root) stops the start before the GGUF load (tens of seconds), with exit status 1
+    and the directory and the flag to change in the log."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = blocker / "glmserve"
+    p = spawn_model_server("smollm2-135m-instruct", "--cache-dir", str(cache), wait=False)
+    t0 = time.monotonic()  # after the launch: the suite's forkserver may have been warming up
+    try:
+        assert p.proc.wait(60) == 1, p.log_tail()
+        elapsed = time.monotonic() - t0
+        log = p.log_text()
+        assert f"cache directory {cache} is not a writable directory" in log, log
+        assert "--cache-dir" in log
+        # Checked before the expensive work: the conversion never started.
+        assert "converting" not in log, log
+        assert elapsed < 30, f"{elapsed:.1f}s: about the cost of a GGUF load"
+    finally:
+        p.stop(signal.SIGKILL)

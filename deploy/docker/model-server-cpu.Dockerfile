@@ -22,8 +22,11 @@ RUN pip install --no-cache-dir "./[server]" \
 FROM ${PYTHON_IMAGE}
 RUN useradd --system --uid 10001 --create-home --home-dir /home/glmserve glmserve
 COPY --from=build /opt/glmserve /opt/glmserve
+# /tmp, the one writable path under Kubernetes' readOnlyRootFilesystem (an emptyDir): the
+# embedded model is converted there at each pod's first start (~30 s, ~520 MB).
 ENV PATH=/opt/glmserve/bin:$PATH \
     HF_HOME=/tmp/hf \
+    GLMSERVE_CACHE_DIR=/tmp/glmserve \
     GLMSERVE_HOST=0.0.0.0 \
     GLMSERVE_PORT=50051 \
     GLMSERVE_HEALTH_PORT=50052 \

@@ -37,6 +37,7 @@ def load_model(
     device_map: str | None = None,
     cpu_linear: str = "auto",
     fused_layers: bool = True,
+    cache_dir: str | None = None,
 ) -> LoadedModel:
     """``quantize`` (``int4``/``int8``): quantize a ChatGLM checkpoint's linears at load.
     ``device_map`` (``--device-map``: ``auto``, ``balanced``, ...): accelerate spreads the
@@ -44,8 +45,10 @@ def load_model(
     ``cpu_linear`` (``--cpu-linear``): ``onednn`` packs an fp32 CPU model's linears for oneDNN
     (:mod:`.cpu_linear`), ``auto`` does on x86-64, ``torch`` leaves them as they are.
     ``fused_layers`` (``--fused-layers``): the GLM rotary, and on CUDA the standard RMSNorms,
-    become :mod:`.fused_layers`' (fewer kernel launches; bit-identical in fp32)."""
-    loaded = _load(model, device, dtype_name, max_model_len, quantize, device_map)
+    become :mod:`.fused_layers`' (fewer kernel launches; bit-identical in fp32).
+    ``cache_dir`` (``--cache-dir``): where the embedded default's conversion is kept (None:
+    the XDG cache directory, :func:`.gguf.cache_root`)."""
+    loaded = _load(model, device, dtype_name, max_model_len, quantize, device_map, cache_dir)
     if fused_layers:
         fuse_layers(loaded.model, rmsnorm=loaded.device.type == "cuda")
     wanted = cpu_linear == "onednn" or (cpu_linear == "auto" and packs_by_default())
@@ -65,6 +68,7 @@ def _load(
     max_model_len: int | None,
     quantize: str | None,
     device_map: str | None,
+    cache_dir: str | None,
 ) -> LoadedModel:
     dtype = resolve_dtype(dtype_name, device)
     placement = {"device_map": device_map} if device_map else {}
@@ -76,7 +80,7 @@ def _load(
     if bits and model == DEFAULT_MODEL:
         raise not_chatglm
     if model == DEFAULT_MODEL:
-        return load_default(device, dtype, max_model_len, **placement)
+        return load_default(device, dtype, max_model_len, cache_dir=cache_dir, **placement)
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ModelLoadError(
