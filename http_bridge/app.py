@@ -13,16 +13,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from http_bridge.backend import Backend
-from http_bridge.errors import APIError, http_error, validation_error
+from http_bridge.errors import (
+    APIError,
+    http_error,
+    internal_error,
+    request_id_for,
+    validation_error,
+)
 from http_bridge.limits import Limiter, LimitsMiddleware
 from http_bridge.metrics import BridgeMetrics, MetricsMiddleware
 from http_bridge.middleware import (
     ApiKeyMiddleware,
     ContentLengthGuard,
     SecurityHeadersMiddleware,
+    UnexpectedErrorMiddleware,
     too_large,
 )
 from http_bridge.protocol import ChatCompletionRequest
@@ -87,7 +95,9 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
 
     # add_middleware wraps: the last added runs first. Order on the way in: security headers
     # (on every answer, errors included) → metrics → CORS (answers preflights, decorates
-    # errors) → API key → limits → body size.
+    # errors) → API key → limits → body size → unexpected errors (so their 500 passes back
+    # through all of the above).
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(ContentLengthGuard, max_bytes=settings.max_request_bytes)
     if limiter.enabled:
         app.add_middleware(LimitsMiddleware, limiter=limiter, keyed=bool(settings.api_keys))
@@ -98,7 +108,11 @@ def create_app(settings: Settings | None = None, static_dir: Path = STATIC_DIR) 
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-request-id"],
+            # Any header a preflight asks for (echoed back): SDKs add their own, like the
+            # OpenAI JS SDK's x-stainless-* and openai-organization/-project/-beta, and a
+            # list would refuse the next one they add. No credentials (cookies) are allowed,
+            # so this opens nothing: the API key is a header the page itself sends.
+            allow_headers=["*"],
             # What a browser client may read: the id, and when and how far to back off.
             expose_headers=[
                 "x-request-id",
@@ -158,7 +172,7 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc.errors()).to_response()
+        return validation_error(exc.errors(), _body_model(request)).to_response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -175,13 +189,23 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
             response.headers[key] = value
         return response
 
+    # Only for failures of the middleware itself: Starlette runs this handler outside all of
+    # it, so its answer lacks their headers. A route's are UnexpectedErrorMiddleware's.
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return APIError(
-            500,
-            "Internal error in the HTTP bridge.",
-            type="server_error",
-            code="internal_error",
-            retry_safe=False,
-        ).to_response()
+        request_id = request_id_for(request.headers)
+        log.error(
+            "unhandled error on %s %s (request id %s)",
+            request.method,
+            request.url.path,
+            request_id,
+            exc_info=exc,
+        )
+        return internal_error(request_id).to_response()
+
+
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The request model of the route whose body failed validation, if it has one."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(body_field, "field_info", None), "annotation", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None

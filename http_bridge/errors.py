@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+import types
+import typing
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import grpc
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 log = logging.getLogger("http_bridge.errors")
 
@@ -71,6 +75,9 @@ _KNOWN_PARAMS = frozenset(
     }
 )
 _PARAM_PREFIX = re.compile(r"^\s*([a-z_]+)((?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*)\s*:")
+# A caller's x-request-id travels as gRPC metadata (where anything but printable ASCII fails
+# the call) and comes back as a response header and in log lines: only plain ids are kept.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,100}")
 
 
 def _encodable(text: str) -> str:
@@ -140,10 +147,33 @@ def param_from_grpc_message(message: str) -> str | None:
     return None
 
 
+def request_id_for(headers: Mapping[str, str], fallback: str = "") -> str:
+    """The caller's ``x-request-id`` when it is plain, else ``fallback`` (our own id; a new
+    ``req-…`` one when empty). Every route that forwards it to a backend, and echoes it, uses
+    this: any other header value stays out of gRPC metadata, headers and logs."""
+    incoming = headers.get("x-request-id", "")
+    if _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return fallback or f"req-{uuid.uuid4().hex}"
+
+
 def see_logs(what: str, request_id: str) -> str:
     """The generic client message of a server-side failure: what failed and where to look."""
     rid = f" (request id {request_id})" if request_id else ""
     return f"{what}{rid}; see the server logs."
+
+
+def internal_error(request_id: str = "") -> APIError:
+    """The bridge's own failure (a bug): a generic message naming the request id, which the
+    answer also carries as ``x-request-id``, and no retry (it may have run a generation)."""
+    return APIError(
+        500,
+        see_logs("Internal error in the HTTP bridge", request_id),
+        type="server_error",
+        code="internal_error",
+        retry_safe=False,
+        headers={"x-request-id": request_id} if request_id else None,
+    )
 
 
 def from_grpc(
@@ -212,13 +242,63 @@ def loc_to_param(loc: Sequence[str | int]) -> str | None:
     return out or None
 
 
-def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
-    """FastAPI/pydantic validation errors → one 400 naming the first bad field."""
+def _unwrap(tp: Any) -> Any:
+    """``Annotated[X, ...]`` → X; ``X | None`` → X (pydantic labels neither)."""
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return tp
+
+
+def _member(tp: Any, part: str | int) -> Any:
+    """The type at ``part`` inside ``tp`` (a model's field, a list's item), None if unknown."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is None and isinstance(tp, type) and issubclass(tp, BaseModel):
+        for name, field in tp.model_fields.items():
+            if part in (name, field.alias):
+                return field.annotation
+    elif origin is list and isinstance(part, int) and args:
+        return args[0]
+    elif origin is dict and isinstance(part, str) and len(args) == 2:
+        return args[1]
+    return None
+
+
+def field_path(model: type[BaseModel], loc: Sequence[str | int]) -> list[str | int]:
+    """A pydantic location inside ``model`` without its union-branch labels: ``user: 5`` fails
+    at ``("user", "str")`` and ``("user", "dict[str,any]")``, but the client sent ``user``.
+
+    Labels and keys are told apart by walking ``model``'s types along ``loc`` (a label comes
+    right after a union; a model branch's label is its class name, and the walk goes on in it);
+    where the type is lost (inside ``Any``), the rest is kept as it is."""
+    tp: Any = model
+    path: list[str | int] = []
+    for part in loc:
+        tp = _unwrap(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and isinstance(part, str):
+            members = [_unwrap(a) for a in typing.get_args(tp)]
+            tp = next((m for m in members if getattr(m, "__name__", None) == part), None)
+            continue
+        path.append(part)
+        tp = _member(tp, part)
+    return path
+
+
+def validation_error(
+    errors: Sequence[dict[str, Any]], model: type[BaseModel] | None = None
+) -> APIError:
+    """FastAPI/pydantic validation errors → one 400 naming the first bad field. With the body's
+    ``model``, ``param`` is the field's path as the client wrote it (:func:`field_path`)."""
     if not errors:
         return APIError(400, "Invalid request body.")
     first = errors[0]
     kind = first.get("type", "")
     loc = tuple(first.get("loc", ()))
+    if model is not None and loc[:1] == ("body",):
+        loc = ("body", *field_path(model, loc[1:]))
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return APIError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")

@@ -1,7 +1,8 @@
-"""Pure ASGI middleware: API keys and body size (before a route reads the body), and the
-security headers every response carries.
+"""Pure ASGI middleware: API keys and body size (before a route reads the body), the
+security headers every response carries, and the 500 of an unexpected exception.
 
-The first two answer with the OpenAI envelope via :mod:`http_bridge.errors`.
+The API-key, body-size and unexpected-error layers answer with the OpenAI envelope via
+:mod:`http_bridge.errors`.
 
 Why not a FastAPI dependency for the key check: FastAPI parses the body before it runs
 dependencies, so an unauthenticated client could make us parse (and 400 or 413) its body.
@@ -14,11 +15,14 @@ Content-Length with a plain-text 413 that bypasses our error envelope.
 from __future__ import annotations
 
 import hmac
+import logging
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from http_bridge.errors import APIError
+from http_bridge.errors import APIError, internal_error, request_id_for
+
+log = logging.getLogger("http_bridge")
 
 
 class ApiKeyMiddleware:
@@ -138,3 +142,42 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class UnexpectedErrorMiddleware:
+    """An exception no handler took (a bug) → the 500 envelope, answered from inside the other
+    middleware so that it carries CORS, security and ``x-request-id`` headers like any answer.
+
+    Starlette runs ``exception_handler(Exception)`` in its outermost layer, past all user
+    middleware; this one sits innermost instead. Once a response has started nothing can replace
+    it: the exception goes on (uvicorn closes the connection).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                raise
+            request_id = request_id_for(Headers(scope=scope))
+            log.error(
+                "unhandled error on %s %s (request id %s)",
+                scope.get("method", ""),
+                scope.get("path", ""),
+                request_id,
+                exc_info=exc,
+            )
+            await internal_error(request_id).to_response()(scope, receive, send)

@@ -8,7 +8,10 @@ nothing here (``store``, ``metadata``, ``user``...) are accepted and ignored, as
 ``x-glmserve-ignored-params`` header. Known fields whose effect glmserve cannot give
 (``logit_bias``, ``audio``, ``prediction``...) are 400s naming the field, except at their
 neutral value (``null``, ``{}``, ``["text"]``...), which is what SDKs send when a feature is off.
-Unknown fields inside messages stay 400s: they are not options, they are content.
+Unknown fields inside messages stay 400s: they are not options, they are content. The keys the
+openai SDK's own message objects add (``parsed``, ``parsed_arguments``, a tool call's ``index``)
+and DeepSeek-style ``reasoning_content`` are known: accepted and dropped, so that an agent loop
+can send a reply back as it got it.
 
 Every field is bounded here, and the bounds are in the published ``/openapi.json``: integers to
 the range of the proto field they travel in (uint32, int64), floats to OpenAI's ranges and
@@ -34,7 +37,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 MAX_N = 8
-MAX_STOP = 4
+# The model server's limit (MAX_STOP_STRINGS in model_server/validation.py; a test keeps them
+# equal). Not imported: the bridge imports nothing of the model server. OpenAI allows 4; agents
+# such as Continue send more to other hosts.
+MAX_STOP = 16
 MAX_STOP_BYTES = 256  # the model server's limit per stop string (chat.proto)
 UINT32_MAX = 2**32 - 1
 INT64_MIN = -(2**63)
@@ -122,7 +128,7 @@ _STOP_ITEM_SCHEMA: dict[str, Any] = {
     "maxLength": MAX_STOP_BYTES,
     "description": f"1 to {MAX_STOP_BYTES} UTF-8 bytes",
 }
-_STOP_SCHEMA: dict[str, Any] = {
+STOP_SCHEMA: dict[str, Any] = {
     "anyOf": [
         _STOP_ITEM_SCHEMA,
         {"type": "array", "maxItems": MAX_STOP, "items": _STOP_ITEM_SCHEMA},
@@ -147,6 +153,8 @@ class FunctionCallIn(_Strict):
     name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     # JSON text of an object, as the API returned it (not checked: it is history).
     arguments: str = Field(default="{}", max_length=MAX_TEXT_CHARS)
+    # The SDK's parse() adds the arguments it parsed (ParsedFunction); dropped.
+    parsed_arguments: Any = None
 
 
 class ToolCallIn(_Strict):
@@ -155,6 +163,9 @@ class ToolCallIn(_Strict):
     id: str = Field(max_length=MAX_NAME_CHARS)
     type: Literal["function"] = "function"
     function: FunctionCallIn
+    # The call's place in the stream's deltas, which the SDK's stream helper keeps in the
+    # message it assembles (get_final_completion); dropped.
+    index: int | None = Field(default=None, ge=0, le=UINT32_MAX)
 
 
 class ChatMessage(_Strict):
@@ -176,6 +187,11 @@ class ChatMessage(_Strict):
     annotations: Any = None
     function_call: Any = None
     audio: Any = None
+    # Copies of an earlier reply that clients send back, dropped: the SDK's parse() result
+    # (ParsedChatCompletionMessage.parsed, the content as an object) and the reasoning that
+    # DeepSeek-style APIs return beside the content (not shown to the model again).
+    parsed: Any = None
+    reasoning_content: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
 
     @field_validator("role", mode="before")
     @classmethod
@@ -343,7 +359,7 @@ class ChatCompletionRequest(_Strict):
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=MAX_N)
     # A string or a list of strings; normalized to a list (validated below).
-    stop: Annotated[list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
+    stop: Annotated[list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -355,7 +371,8 @@ class ChatCompletionRequest(_Strict):
     tools: list[ToolDef] | None = Field(default=None, max_length=MAX_TOOLS)
     # false: at most one call per reply.
     parallel_tool_calls: bool | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # The object first: a bad one's 400 then names its field (tool_choice.function.name).
+    tool_choice: NamedToolChoice | Literal["none", "auto", "required"] | None = None
     # vLLM-style extensions; top_k and min_tokens are uint32 in chat.proto.
     top_k: int | None = Field(default=None, ge=-1, le=UINT32_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)

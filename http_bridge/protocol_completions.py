@@ -7,9 +7,16 @@ prompt goes to the model as it is.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from http_bridge.protocol import (
@@ -22,6 +29,7 @@ from http_bridge.protocol import (
     MAX_TEXT_CHARS,
     MAX_TOP_LOGPROBS,
     MIN_REPETITION_PENALTY,
+    STOP_SCHEMA,
     UINT32_MAX,
     StreamOptions,
     Usage,
@@ -52,7 +60,8 @@ class CompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = None
-    stop: list[str] | None = None
+    # A string or a list of strings, as in chat; normalized to a list (validated below).
+    stop: Annotated[list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)

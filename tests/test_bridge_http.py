@@ -58,6 +58,13 @@ BAD_REQUESTS: list[tuple[str, dict, str | None]] = [
     ("tool bad name", {"tools": [{"type": "function", "function": {"name": "a b"}}]},
      "tools[0].function.name"),
     ("tool_choice unknown", {"tool_choice": "sometimes"}, "tool_choice"),
+    # Union fields: param is the path the client wrote, without pydantic's branch labels.
+    ("tool_choice function without name", {"tool_choice": {"type": "function", "function": {}}},
+     "tool_choice.function.name"),
+    ("tool_choice unknown key", {"tool_choice": {"type": "function", "function": {"name": "f"},
+     "str": 1}}, "tool_choice.str"),
+    ("user number", {"user": 5}, "user"),
+    ("user list", {"user": ["a"]}, "user"),
     ("tool_choice required w/o tools", {"tool_choice": "required"}, None),
     ("named tool not in tools", {"tools": [{"type": "function", "function": {"name": "f"}}],
      "tool_choice": {"type": "function", "function": {"name": "g"}}}, None),
@@ -79,7 +86,7 @@ BAD_REQUESTS: list[tuple[str, dict, str | None]] = [
      "stream_options.include_obfuscation"),
     ("n too big", {"n": 9}, "n"),
     ("n zero", {"n": 0}, "n"),
-    ("five stops", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("17 stops", {"stop": [f"<{i}>" for i in range(17)]}, "stop"),
     ("empty stop", {"stop": [""]}, "stop"),
     ("temperature range", {"temperature": 2.5}, "temperature"),
     ("temperature type", {"temperature": "hot"}, "temperature"),
@@ -106,6 +113,20 @@ BAD_REQUESTS: list[tuple[str, dict, str | None]] = [
      "messages[0].tool_calls"),
     ("unknown message field", {"messages": [{"role": "user", "content": "x", "mood": "ok"}]},
      "messages[0].mood"),
+    # The keys SDKs add to a reply they send back are known only where they add them.
+    ("parsed in a content part", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "parsed": {}}]}]}, "messages[0].content"),
+    ("index on a function", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "index": 0}}]},
+        *MSG]}, "messages[0].tool_calls[0].function.index"),
+    ("parsed_arguments on a tool call", {"messages": [{"role": "assistant", "content": None,
+     "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f"},
+     "parsed_arguments": {}}]}, *MSG]}, "messages[0].tool_calls[0].parsed_arguments"),
+    ("tool call index negative", {"messages": [{"role": "assistant", "content": None,
+     "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f"}, "index": -1}]},
+     *MSG]}, "messages[0].tool_calls[0].index"),
+    ("reasoning_content not text", {"messages": [{"role": "assistant", "content": "x",
+     "reasoning_content": 5}, *MSG]}, "messages[0].reasoning_content"),
 ]  # fmt: skip
 
 
@@ -161,7 +182,9 @@ def test_backend_down_is_503_with_retry_allowed(client: TestClient) -> None:
     for path in ("/v1/models", "/v1/models/m"):
         r = client.get(path)
         assert r.status_code == 503, path
-        _assert_envelope(r.json(), code="backend_unavailable")
+        err = _assert_envelope(r.json(), code="backend_unavailable")
+        rid = r.headers["x-request-id"]  # named in the message, as on the other routes
+        assert rid.startswith("req-") and f"(request id {rid})" in err["message"]
     r = client.get("/health")  # minimal: no envelope, no backend addresses
     assert (r.status_code, r.json()) == (503, {"status": "unavailable"})
 

@@ -4,6 +4,10 @@ The real ``http-bridge`` process (uvicorn) is pointed at a fake model server ser
 process on loopback (sync grpc, with grpc.health.v1 SERVING so the bridge's client-side health
 checks admit it), whose Chat aborts with secret details on demand. The flag checks (``/health``,
 ``/metrics``, ``/docs``) use the real app in process, with no backend behind it.
+
+The fake also sends what a real model server should not: log-probabilities of -inf (which the
+bridge floors) and NaN (no JSON number: the bridge fails on it, which is how the tests reach its
+handling of an unexpected exception through a real route, with nothing patched).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from http_bridge.app import create_app
 from http_bridge.settings import Settings
 
 SECRET = "SECRET-dsn postgres://10.9.8.7:5432"
+ORIGIN = "http://ui.test"
 CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -58,10 +63,20 @@ class Failing(chat_pb2_grpc.ChatServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"bad token for {SECRET}")
         if request.model == "invalid":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: must be <= 5")
+        if request.model in LOGPROBS:
+            value = LOGPROBS[request.model]
+            top = [chat_pb2.TokenLogprob(token=b"y", logprob=value)]
+            chosen = chat_pb2.TokenLogprob(token=b"x", logprob=value)
+            position = chat_pb2.PositionLogprobs(chosen=chosen, top=top)
+            yield chat_pb2.ChatResponse(text="x", token_ids=[7], logprobs=[position])
+            usage = chat_pb2.Usage(prompt_tokens=1, completion_tokens=1)
+            yield chat_pb2.ChatResponse(finish_reason=chat_pb2.FINISH_REASON_STOP, usage=usage)
+            return
         yield chat_pb2.ChatResponse(text="partial")
         context.abort(grpc.StatusCode.INTERNAL, f"{SECRET} died mid-stream")
 
 
+LOGPROBS = {"inf-logprob": float("-inf"), "nan-logprob": float("nan")}
 FAKE = Failing()
 
 
@@ -89,7 +104,7 @@ def _wait_healthy(bridge: Proc) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def bridge(fake_target: str) -> Iterator[Proc]:
-    with start_bridge("--backend", fake_target, "--no-ui") as b:
+    with start_bridge("--backend", fake_target, "--no-ui", "--cors-origin", ORIGIN) as b:
         _wait_healthy(b)
         yield b
 
@@ -174,6 +189,42 @@ def test_a_backend_that_keeps_refusing_is_503_after_one_more_try(bridge: Proc) -
     assert r.status_code == 503, r.text
     assert r.json()["error"]["type"]
     assert FAKE.calls[text] == 2
+
+
+def test_chat_logprob_of_minus_infinity_is_floored(bridge: Proc) -> None:
+    """As /v1/completions does (vLLM's -9999): JSON has no -inf, streamed or not."""
+    body = {"model": "inf-logprob", "messages": MSG, "logprobs": True, "top_logprobs": 1}
+    r = httpx.post(bridge.url + CHAT, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    (token,) = r.json()["choices"][0]["logprobs"]["content"]
+    assert token["logprob"] == -9999.0 and token["top_logprobs"][0]["logprob"] == -9999.0
+    with httpx.stream("POST", bridge.url + CHAT, json={**body, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    choices = [c for d in data[:-1] for c in json.loads(d)["choices"] if c.get("logprobs")]
+    (token,) = [t for c in choices for t in c["logprobs"]["content"]]
+    assert token["logprob"] == -9999.0 and token["top_logprobs"][0]["logprob"] == -9999.0
+
+
+def test_unexpected_exception_answers_with_the_usual_headers(bridge: Proc) -> None:
+    """A NaN log-probability cannot be written as JSON: the bridge's response fails, an
+    exception no handler expects. Its 500 still passes through the middleware: CORS (so the
+    page can read it), security headers, the request id, and no retry."""
+    body = {"model": "nan-logprob", "messages": MSG, "logprobs": True}
+    headers = {"Origin": ORIGIN, "x-request-id": "trace-nan"}
+    r = httpx.post(bridge.url + CHAT, json=body, headers=headers, timeout=30)
+    assert r.status_code == 500, r.text
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["x-should-retry"] == "false"
+    assert _generic(r, 500, "internal_error") == "trace-nan"
+    log = bridge.log_text()
+    assert "unhandled error on POST /v1/chat/completions (request id trace-nan)" in log
+    assert "Traceback" in log
+    # Without a plain id of the caller's, the answer and the log line share a new one.
+    r = httpx.post(bridge.url + CHAT, json=body, headers={"x-request-id": "a b"}, timeout=30)
+    rid = _generic(r, 500, "internal_error")
+    assert rid.startswith("req-") and f"(request id {rid})" in bridge.log_text()
 
 
 def test_health_minimal_by_default(bridge: Proc) -> None:

@@ -5,16 +5,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import grpc
 import pytest
+from pydantic import ValidationError
 
 from glmserve.v1 import chat_pb2
 from http_bridge.backend import channel_options, service_config
 from http_bridge.cli import parse_settings
-from http_bridge.errors import GRPC_TO_HTTP, from_grpc, loc_to_param, param_from_grpc_message
-from http_bridge.protocol import ChatCompletionRequest
+from http_bridge.errors import (
+    GRPC_TO_HTTP,
+    field_path,
+    from_grpc,
+    loc_to_param,
+    param_from_grpc_message,
+)
+from http_bridge.protocol import MAX_STOP, MAX_STOP_BYTES, ChatCompletionRequest
+from http_bridge.protocol_completions import CompletionRequest
 from http_bridge.routes.chat import grpc_requests
 from http_bridge.settings import Settings
 from http_bridge.targets import Address, parse_target
@@ -98,6 +108,44 @@ def test_loc_to_param() -> None:
     assert loc_to_param(("body", "messages", 0, "content")) == "messages[0].content"
     assert loc_to_param(("body", "n")) == "n"
     assert loc_to_param(("body",)) is None
+
+
+def test_field_path_drops_union_labels() -> None:
+    """pydantic labels each union branch in an error's location; the client wrote the field."""
+    assert field_path(ChatCompletionRequest, ("user", "str")) == ["user"]
+    assert field_path(CompletionRequest, ("user", "dict[str,any]")) == ["user"]
+    named = ("tool_choice", "NamedToolChoice", "function", "name")
+    assert field_path(ChatCompletionRequest, named) == ["tool_choice", "function", "name"]
+    # Keys the client wrote stay, even one spelled like a label; so do aliases.
+    assert field_path(ChatCompletionRequest, ("messages", 0, "str")) == ["messages", 0, "str"]
+    fmt = ("response_format", "json_schema", "schema")
+    assert field_path(ChatCompletionRequest, fmt) == list(fmt)
+
+
+@pytest.mark.parametrize("model", [ChatCompletionRequest, CompletionRequest])
+def test_every_union_field_fails_under_its_own_name(model: type) -> None:
+    """A value no branch takes, for each union field there is (new ones included)."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt": "x"}
+    unions = [
+        name
+        for name, f in model.model_fields.items()
+        if typing.get_origin(f.annotation) in (typing.Union, types.UnionType)
+        and len([a for a in typing.get_args(f.annotation) if a is not type(None)]) > 1
+    ]
+    assert "user" in unions
+    for name in unions:
+        with pytest.raises(ValidationError) as info:
+            model.model_validate({**body, name: 0.5})
+        for error in info.value.errors():
+            assert field_path(model, error["loc"]) == [name], error
+
+
+def test_stop_limits_are_the_model_servers() -> None:
+    """Imported here, not in the bridge (which imports nothing of the model server)."""
+    from model_server.validation import MAX_STOP_BYTES as SERVER_STOP_BYTES
+    from model_server.validation import MAX_STOP_STRINGS
+
+    assert (MAX_STOP, MAX_STOP_BYTES) == (MAX_STOP_STRINGS, SERVER_STOP_BYTES)
 
 
 def test_parse_target() -> None:

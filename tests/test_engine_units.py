@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -186,6 +187,21 @@ def test_nan_guard_picks_the_guard_token():
         logits, rows(SamplingParams(max_tokens=1, temperature=0)), frozenset(), nan_guard_token_id=5
     )
     assert out == [5]
+
+
+def test_a_guarded_row_reports_finite_logprobs():
+    """The guard's row has no raw distribution; its logprobs are those of the forced token,
+    finite, so a response can carry them (NaN made the bridge's JSON fail)."""
+    logits = torch.tensor([[float("nan"), 1.0, 2.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 7])
+    both = rows(*[SamplingParams(max_tokens=1, temperature=0)] * 2)
+    for r in both:
+        r.logprobs = 2
+    result = sample(logits, both, frozenset(), nan_guard_token_id=5)
+    assert result.tokens[0] == 5 and result.failed == {}
+    guarded = result.logprobs[0]
+    assert guarded.logprob == pytest.approx(0.0) and guarded.top[0][0] == 5
+    assert all(math.isfinite(v) for _, v in guarded.top)
+    assert result.logprobs[1].logprob == pytest.approx(-math.log(7))
 
 
 def test_poisoned_rows_are_clamped_or_fail_alone():

@@ -33,7 +33,13 @@ from starlette.types import Message, Receive, Scope, Send
 from glmserve.v1 import chat_pb2
 from http_bridge.backend import Backend
 from http_bridge.drain import Drain
-from http_bridge.errors import APIError, error_body, from_grpc, see_logs
+from http_bridge.errors import (
+    APIError,
+    error_body,
+    from_grpc,
+    internal_error,
+    request_id_for,
+)
 from http_bridge.limits import Lease, lease_of
 from http_bridge.metrics import START_KEY, BridgeMetrics
 from http_bridge.protocol import (
@@ -80,7 +86,6 @@ _TOOL_CHOICE = {
     "required": chat_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
 IGNORED_HEADER = "x-glmserve-ignored-params"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,100}$")
 _DONE = format_sse_event(data_str="[DONE]")
 # Below this a temperature (or top_p) is greedy decoding in all but name, and dividing logits by
 # it can overflow float32; it is sent as temperature 0, as vLLM does (its _SAMPLING_EPS).
@@ -88,6 +93,8 @@ SAMPLING_EPS = 1e-5
 # The model server's gRPC receive limit (grpc's default): a larger ChatRequest never arrives, and
 # grpc would report it as RESOURCE_EXHAUSTED, which reads as a retryable 429.
 MAX_GRPC_REQUEST_BYTES = 4 * 1024 * 1024
+# A log-probability of -inf as JSON can hold it (vLLM's floor).
+MIN_LOGPROB = -9999.0
 # Messages per choice read from the backend ahead of the client (one: the next one is read
 # while the last is written): the bound of the bridge's buffering per stream, so that a stalled
 # client stalls the reads at once.
@@ -159,17 +166,6 @@ class ClientGone(APIError):
 
     def __init__(self) -> None:
         super().__init__(499, "client closed request", code="client_closed_request")
-
-
-def request_id_for(request: Request, completion_id: str) -> str:
-    """The caller's ``x-request-id`` when it is sane, else the completion id.
-
-    It travels as gRPC metadata and comes back as a response header, for log correlation. The
-    ChatRequest.request_id is always our own unique completion id: callers may reuse their ids,
-    and the server keys its work (and aborts) by request_id.
-    """
-    incoming = request.headers.get("x-request-id", "")
-    return incoming if _REQUEST_ID.match(incoming) else completion_id
 
 
 def grpc_requests(body: ChatCompletionRequest, completion_id: str) -> list[chat_pb2.ChatRequest]:
@@ -357,13 +353,7 @@ class ChoiceCalls:
                 api_error.param = feature_param(err.details() or "")
             return api_error
         log.exception("unexpected error in chat request %s", self.request_id, exc_info=err)
-        return APIError(
-            500,
-            see_logs("Internal error in the HTTP bridge", self.request_id),
-            type="server_error",
-            code="internal_error",
-            retry_safe=False,
-        )
+        return internal_error(self.request_id)
 
     async def all_first(self) -> list[chat_pb2.ChatResponse]:
         """Every choice's first message, concurrently; any failure cancels them all."""
@@ -437,6 +427,14 @@ class Collected:
     prompt_logprobs: list[chat_pb2.PositionLogprobs] = field(default_factory=list)
 
 
+def json_logprob(logprob: float) -> float:
+    """``logprob`` floored at :data:`MIN_LOGPROB`: -inf (a token the model rules out) is no
+    JSON number, and the JSON response would fail on it. Chat and completions both use this.
+    NaN (the model's numbers broke down) has no honest value: it stays NaN, and a JSON
+    response then fails as an internal error."""
+    return max(logprob, MIN_LOGPROB)
+
+
 def token_logprobs(positions: Any) -> list[TokenLogprob]:
     """Proto PositionLogprobs → OpenAI ChatCompletionTokenLogprob items."""
     out = []
@@ -444,12 +442,12 @@ def token_logprobs(positions: Any) -> list[TokenLogprob]:
         out.append(
             TokenLogprob(
                 token=p.chosen.token.decode("utf-8", errors="replace"),
-                logprob=p.chosen.logprob,
+                logprob=json_logprob(p.chosen.logprob),
                 bytes=list(p.chosen.token),
                 top_logprobs=[
                     TopLogprob(
                         token=t.token.decode("utf-8", errors="replace"),
-                        logprob=t.logprob,
+                        logprob=json_logprob(t.logprob),
                         bytes=list(t.token),
                     )
                     for t in p.top
@@ -495,7 +493,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     metrics: BridgeMetrics = request.app.state.metrics
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    request_id = request_id_for(request, completion_id)
+    # The caller's id (else the completion id) travels as gRPC metadata and comes back as a
+    # header, for log correlation. ChatRequest.request_id is always our own unique completion
+    # id: callers may reuse their ids, and the server keys its work (and aborts) by it.
+    request_id = request_id_for(request.headers, completion_id)
     model = await backend.served_model_id(body.model)
     calls = ChoiceCalls(
         [backend.chat(r, request_id) for r in grpc_requests(body, completion_id)],

@@ -21,7 +21,7 @@ from fastapi.sse import format_sse_event
 from glmserve.v1 import chat_pb2
 from http_bridge.backend import Backend
 from http_bridge.drain import Drain
-from http_bridge.errors import APIError
+from http_bridge.errors import APIError, request_id_for
 from http_bridge.limits import lease_of
 from http_bridge.metrics import START_KEY, BridgeMetrics
 from http_bridge.protocol import Usage
@@ -39,15 +39,11 @@ from http_bridge.routes.chat import (
     ChoiceCalls,
     SSEResponse,
     ignored_header,
-    request_id_for,
+    json_logprob,
     sampling_requests,
 )
 
 router = APIRouter(tags=["completions"], route_class=JSONBodyRoute)
-
-
-# A log-probability of -inf (a token the model rules out) as JSON can hold it; vLLM's floor.
-MIN_LOGPROB = -9999.0
 
 
 def grpc_requests(body: CompletionRequest, completion_id: str) -> list[chat_pb2.ChatRequest]:
@@ -86,11 +82,9 @@ def legacy_logprobs(positions: Any, offset: int, prompt: bool = False) -> Comple
             lp.token_logprobs.append(None)
             lp.top_logprobs.append(None)
             continue
-        chosen = max(p.chosen.logprob, MIN_LOGPROB)
+        chosen = json_logprob(p.chosen.logprob)
         lp.token_logprobs.append(chosen)
-        top = {
-            t.token.decode("utf-8", errors="replace"): max(t.logprob, MIN_LOGPROB) for t in p.top
-        }
+        top = {t.token.decode("utf-8", errors="replace"): json_logprob(t.logprob) for t in p.top}
         lp.top_logprobs.append(top or {token: chosen})
     return lp
 
@@ -131,7 +125,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     metrics: BridgeMetrics = request.app.state.metrics
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    request_id = request_id_for(request, completion_id)
+    request_id = request_id_for(request.headers, completion_id)
     model = await backend.served_model_id(body.model)
     calls = ChoiceCalls(
         [backend.chat(r, request_id) for r in grpc_requests(body, completion_id)],

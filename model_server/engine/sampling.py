@@ -124,7 +124,6 @@ def sample(
     n = len(rows)
     result = SampleResult(tokens=[None] * n)
     want = [i for i, r in enumerate(rows) if r.logprobs is not None]
-    raw = _RawLogprobs(logits, want, rows, penalties is not None) if want else None
     bad = _not_finite(logits)
     if bool(bad.any()):
         if nan_guard_token_id is not None:  # ChatGLM2's own guard: carry on with one token
@@ -134,6 +133,9 @@ def sample(
             for i in bad.nonzero().squeeze(1).tolist():
                 result.failed[i] = "the model produced non-finite logits (NaN/inf)"
             logits[bad] = 0.0  # keeps the batched ops below finite; the row is dropped
+    # After the guard: a guarded row's raw logprobs are those of the token it forced (0 for
+    # it), never NaN, which no JSON response can carry.
+    raw = _RawLogprobs(logits, want, rows, penalties is not None) if want else None
     if penalties is not None:
         apply_penalties(logits, rows, penalties)
     if eos_token_ids:
