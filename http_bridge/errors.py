@@ -74,6 +74,17 @@ _KNOWN_PARAMS = frozenset(
         "n",
     }
 )
+# The model server's words for a request that does not fit (model_server/validation.py: the
+# prompt alone, or prompt + max_tokens, past the context; engine.py: past the KV-cache pool that
+# one request may use). Searched for separately, so a rewording loses a number, not the code.
+_OVERFLOW = re.compile(
+    r"\bexceeds the (?:model's context|KV-cache pool)\b|\bbut the model's context is\b"
+)
+_CONTEXT_LEN = re.compile(
+    r"model's context (?:is|of) (\d+) tokens|KV-cache pool, which holds (\d+)"
+)
+_PROMPT_LEN = re.compile(r"\bprompt(?: is|'s| \() ?(\d+) tokens")
+_COMPLETION_LEN = re.compile(r"^max_tokens: (\d+) \+|\bmax_tokens \((\d+)\)")
 _PARAM_PREFIX = re.compile(r"^\s*([a-z_]+)((?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*)\s*:")
 # A caller's x-request-id travels as gRPC metadata (where anything but printable ASCII fails
 # the call) and comes back as a response header and in log lines: only plain ids are kept.
@@ -147,6 +158,45 @@ def param_from_grpc_message(message: str) -> str | None:
     return None
 
 
+def _number(pattern: re.Pattern[str], text: str) -> int | None:
+    match = pattern.search(text)
+    return int(next(g for g in match.groups() if g is not None)) if match else None
+
+
+def context_overflow(details: str, prompt_param: str = "messages") -> APIError | None:
+    """A model-server INVALID_ARGUMENT about a request too long for the context, in OpenAI's
+    shape (code ``context_length_exceeded``, OpenAI's wording, which vLLM copies and LangChain,
+    LiteLLM and agents look for); None for any other message.
+
+    ``param`` is the prompt's field (``messages``, ``prompt`` on completions) even when
+    max_tokens is what went past the context, as OpenAI names it. Only numbers the server gave
+    are used: without them its own text follows OpenAI's first sentence."""
+    if not _OVERFLOW.search(details):
+        return None
+    what = "messages" if prompt_param == "messages" else "prompt"
+    context = _number(_CONTEXT_LEN, details)
+    prompt = _number(_PROMPT_LEN, details)
+    completion = _number(_COMPLETION_LEN, details)
+    if context is None:
+        message = f"This model's maximum context length is exceeded: {details}"
+    elif prompt is not None and completion is not None:
+        message = (
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt + completion} tokens ({prompt} in the {what}, {completion} in the "
+            f"completion). Please reduce the length of the {what} or completion."
+        )
+    elif prompt is not None:
+        message = (
+            f"This model's maximum context length is {context} tokens. However, your {what} "
+            f"resulted in {prompt} tokens. Please reduce the length of the {what}."
+        )
+    else:
+        message = f"This model's maximum context length is {context} tokens. {details}"
+    if "KV-cache pool" in details and context is not None:
+        message += f" (The model server's KV-cache pool holds {context} tokens for one request.)"
+    return APIError(400, message, param=prompt_param, code="context_length_exceeded")
+
+
 def request_id_for(headers: Mapping[str, str], fallback: str = "") -> str:
     """The caller's ``x-request-id`` when it is plain, else ``fallback`` (our own id; a new
     ``req-…`` one when empty). Every route that forwards it to a backend, and echoes it, uses
@@ -177,9 +227,15 @@ def internal_error(request_id: str = "") -> APIError:
 
 
 def from_grpc(
-    err: grpc.RpcError, *, generation_started: bool, request_id: str = "", target: str = ""
+    err: grpc.RpcError,
+    *,
+    generation_started: bool,
+    request_id: str = "",
+    target: str = "",
+    prompt_param: str = "messages",
 ) -> APIError:
-    """Map a failed RPC through THE table.
+    """Map a failed RPC through THE table (a context overflow: :func:`context_overflow`, whose
+    ``param`` is ``prompt_param``).
 
     ``generation_started``: the backend already sent a response for this request, so a retry
     could generate twice even if the status alone (UNAVAILABLE) would say otherwise. Server-side
@@ -190,6 +246,9 @@ def from_grpc(
     mapping = GRPC_TO_HTTP.get(code, GRPC_FALLBACK)
     param = None
     if code == grpc.StatusCode.INVALID_ARGUMENT:
+        overflow = context_overflow(details, prompt_param)
+        if overflow is not None:
+            return overflow
         param = param_from_grpc_message(details)
         message = details or "invalid request"
     elif code == grpc.StatusCode.NOT_FOUND:

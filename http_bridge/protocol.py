@@ -8,6 +8,9 @@ nothing here (``store``, ``metadata``, ``user``...) are accepted and ignored, as
 ``x-glmserve-ignored-params`` header. Known fields whose effect glmserve cannot give
 (``logit_bias``, ``audio``, ``prediction``...) are 400s naming the field, except at their
 neutral value (``null``, ``{}``, ``["text"]``...), which is what SDKs send when a feature is off.
+vLLM's extensions follow the same rule (:class:`VLLMParams`): its constraints (``guided_*``,
+``structured_outputs``) are mapped onto the proto's StructuredOutput, its fields that change
+nothing here are ignored and listed, and the rest pass only at vLLM's default value.
 Unknown fields inside messages stay 400s: they are not options, they are content. The keys the
 openai SDK's own message objects add (``parsed``, ``parsed_arguments``, a tool call's ``index``)
 and DeepSeek-style ``reasoning_content`` are known: accepted and dropped, so that an agent loop
@@ -22,7 +25,7 @@ finite, strings and arrays to sizes the model server can take. What JSON itself 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -67,8 +70,41 @@ def _unsupported(field: str, why: str = "") -> PydanticCustomError:
     )
 
 
+# vLLM's request fields (both endpoints) that glmserve cannot honour, with the values vLLM
+# treats as its default: a client that targets vLLM sends them as they are, so they pass, and
+# any other value is a 400 (typed fields, so 0 is not false).
+VLLM_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "stop_token_ids": ([],),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "bad_words": ([],),
+    "allowed_token_ids": ([],),
+    "use_beam_search": (False,),
+    "truncate_prompt_tokens": (),
+    "prompt_logprobs": (),
+}
+# Why each is refused, said in its 400.
+NEUTRAL_HINTS = {
+    "functions": "Use tools.",
+    "function_call": "Use tool_choice.",
+    "stop_token_ids": "Use stop (strings).",
+    "include_stop_str_in_output": "Only false: the stop string is never part of the reply.",
+    "skip_special_tokens": "Only true: special tokens are always left out of the reply.",
+    "spaces_between_special_tokens": "Only true (vLLM's default).",
+    "allowed_token_ids": "Use guided_choice or guided_regex.",
+    "use_beam_search": "Only false: sampling (and greedy) decoding.",
+    "truncate_prompt_tokens": "The prompt is never truncated.",
+    "prompt_logprobs": "Use /v1/completions with echo: true and logprobs.",
+    "continue_final_message": "Only false: the reply is always a new assistant turn.",
+    "add_generation_prompt": "Only true: the assistant's turn is always opened.",
+    "chat_template": "The model's own chat template is always used.",
+    "chat_template_kwargs": "The model's chat template gets no extra variables.",
+    "echo": "Only false; use /v1/completions with echo.",
+}
 # Known OpenAI request fields glmserve does not implement and cannot ignore, with the values
-# that mean "off". None (JSON null / absent) is always accepted.
+# that mean "off", and the vLLM ones (chat's own last). None (JSON null / absent) is always
+# accepted.
 _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "functions": ([],),
     "function_call": ("none",),
@@ -77,7 +113,21 @@ _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
     "prediction": (),
     "web_search_options": (),
+    **VLLM_NEUTRAL_VALUES,
+    "continue_final_message": (False,),
+    "add_generation_prompt": (True,),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+    "echo": (False,),
 }
+# vLLM fields that change nothing here, accepted (any JSON), ignored, listed: the grammar
+# backend (every backend enforces the same constraint) and length_penalty (beam search only,
+# which use_beam_search keeps off). guided_whitespace_pattern too, unless JSON is constrained
+# (then a 400: JSON is always generated compactly).
+VLLM_IGNORED_FIELDS = ("guided_decoding_backend", "length_penalty", "guided_whitespace_pattern")
+# vLLM's constraint fields, each mapped onto chat.proto's StructuredOutput (at most one).
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+MAX_GUIDED_CHOICES = 1024
 # Known OpenAI fields that do not change a reply here: accepted (any JSON), ignored, listed.
 IGNORED_FIELDS = (
     "user",
@@ -320,6 +370,149 @@ class ResponseFormatIn(_Strict):
         return self
 
 
+class StructuredOutputsIn(_Strict):
+    """vLLM's ``structured_outputs``: one of json / regex / choice / grammar / json_object."""
+
+    json_: dict[str, Any] | Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = Field(
+        default=None, alias="json"
+    )
+    regex: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    choice: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_GUIDED_CHOICES
+    )
+    grammar: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    json_object: bool | None = None
+    # Options that change nothing here: one grammar engine; JSON is always compact. A
+    # whitespace_pattern only with a kind other than JSON (where vLLM ignores it too).
+    disable_fallback: bool | None = None
+    disable_any_whitespace: bool | None = None
+    whitespace_pattern: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    # Options whose effect glmserve cannot give: only their neutral value.
+    disable_additional_properties: bool | None = None
+    structural_tag: Any = None
+
+    @field_validator("disable_additional_properties", "structural_tag")
+    @classmethod
+    def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or value is False:
+            return value
+        raise _unsupported(f"structured_outputs.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputsIn:
+        if len(self.kinds()) != 1:
+            raise PydanticCustomError(
+                "invalid_value",
+                "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                "json_object (got {got})",
+                {"got": ", ".join(self.kinds()) or "none"},
+            )
+        if self.whitespace_pattern is not None and self.kinds()[0] in ("json", "json_object"):
+            raise _unsupported(
+                "structured_outputs.whitespace_pattern", "JSON is always generated compactly."
+            )
+        return self
+
+    def kinds(self) -> list[str]:
+        values = {"json": self.json_, "regex": self.regex, "choice": self.choice,
+                  "grammar": self.grammar, "json_object": self.json_object or None}  # fmt: skip
+        return [kind for kind, value in values.items() if value is not None]
+
+
+class Guided(NamedTuple):
+    """The one constraint a request sets: the field as the client wrote it (errors name it),
+    its kind (json, json_object, regex, choice, grammar) and its value."""
+
+    param: str
+    kind: str
+    value: Any
+
+
+class VLLMParams(_Strict):
+    """Rules of the vLLM fields both requests declare (each declares its own, where its field
+    order lets the checks see the fields before them): neutral values, one constraint."""
+
+    @field_validator(*VLLM_NEUTRAL_VALUES, check_fields=False)
+    @classmethod
+    def _vllm_not_implemented(cls, value: Any, info: ValidationInfo) -> Any:
+        return neutral_only(value, str(info.field_name))
+
+    @field_validator(*GUIDED_FIELDS, "structured_outputs", check_fields=False)
+    @classmethod
+    def _one_constraint(cls, value: Any, info: ValidationInfo) -> Any:
+        """At most one of response_format (json), tools and the guided fields: each would
+        be a grammar of its own, and vLLM refuses two as well."""
+        if value is None:
+            return value
+        fmt = info.data.get("response_format")
+        if fmt is not None and fmt.type != "text":
+            raise PydanticCustomError(
+                "invalid_value",
+                "{field} cannot be combined with response_format {kind}",
+                {"field": info.field_name, "kind": fmt.type},
+            )
+        if info.data.get("tools") and info.data.get("tool_choice") != "none":
+            raise PydanticCustomError(
+                "invalid_value",
+                "{field} cannot be combined with tools (unless tool_choice is 'none')",
+                {"field": info.field_name},
+            )
+        for other in GUIDED_FIELDS:
+            if other != info.field_name and info.data.get(other) is not None:
+                raise PydanticCustomError(
+                    "invalid_value",
+                    "{field} cannot be combined with {other}: set one constraint",
+                    {"field": info.field_name, "other": other},
+                )
+        return value
+
+    @field_validator("guided_whitespace_pattern", check_fields=False)
+    @classmethod
+    def _compact_json(cls, value: Any, info: ValidationInfo) -> Any:
+        fmt = info.data.get("response_format")
+        so = info.data.get("structured_outputs")
+        json_constrained = (
+            info.data.get("guided_json") is not None
+            or (fmt is not None and fmt.type != "text")
+            or (so is not None and so.kinds()[0] in ("json", "json_object"))
+        )
+        if value is not None and json_constrained:
+            raise _unsupported(str(info.field_name), "JSON is always generated compactly.")
+        return value
+
+    @field_validator("best_of", check_fields=False)
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != (info.data.get("n") or 1):
+            raise _unsupported("best_of", "Only best_of equal to n (or 1) is supported.")
+        return value
+
+    @property
+    def guided(self) -> Guided | None:
+        """The constraint of a guided field or structured_outputs (not response_format)."""
+        for name in GUIDED_FIELDS:
+            value = getattr(self, name, None)
+            if value is not None:
+                return Guided(name, name.removeprefix("guided_"), value)
+        so: StructuredOutputsIn | None = getattr(self, "structured_outputs", None)
+        if so is None:
+            return None
+        kind = so.kinds()[0]
+        value = {"json": so.json_, "regex": so.regex, "choice": so.choice,
+                 "grammar": so.grammar, "json_object": True}[kind]  # fmt: skip
+        return Guided(f"structured_outputs.{kind}", kind, value)
+
+    def vllm_ignored(self) -> list[str]:
+        return [f for f in VLLM_IGNORED_FIELDS if getattr(self, f, None) is not None]
+
+
+def neutral_only(value: Any, name: str) -> Any:
+    """``value`` if it is a neutral value of the not-implemented field ``name``, else a 400."""
+    if value is None or value in _NEUTRAL_VALUES[name]:
+        return value
+    raise _unsupported(name, NEUTRAL_HINTS.get(name, ""))
+
+
 class FunctionDef(_Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
@@ -342,7 +535,7 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(VLLMParams):
     """CreateChatCompletionRequest, as far as glmserve implements it (plus vLLM extensions).
 
     Unknown top-level fields are kept aside (``model_extra``) and ignored; see the module
@@ -379,6 +572,35 @@ class ChatCompletionRequest(_Strict):
     min_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX)
     ignore_eos: bool | None = None
     repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2)
+    # vLLM's constraints (after response_format and tools: the checks see them), mapped onto
+    # the proto's StructuredOutput. guided_json: a JSON Schema, or its JSON text.
+    guided_json: dict[str, Any] | Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
+    guided_regex: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    guided_choice: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_GUIDED_CHOICES
+    )
+    guided_grammar: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)  # Lark
+    structured_outputs: StructuredOutputsIn | None = None
+    # vLLM fields that change nothing here (VLLM_IGNORED_FIELDS).
+    guided_decoding_backend: Any = None
+    length_penalty: Any = None
+    guided_whitespace_pattern: Any = None
+    # vLLM fields glmserve cannot honour: only their neutral values (vLLM's defaults) pass.
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    use_beam_search: bool | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP)
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_STOP)
+    allowed_token_ids: list[int] | None = Field(default=None, max_length=MAX_GUIDED_CHOICES)
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
+    chat_template: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool | None = None
     # Known OpenAI fields that cannot be ignored: only their neutral values pass.
     functions: Any = None
     function_call: Any = None
@@ -402,14 +624,10 @@ class ChatCompletionRequest(_Strict):
     prompt_cache_options: Any = None
     safety_identifier: Any = None
 
-    @field_validator(*_NEUTRAL_VALUES)
+    @field_validator(*(f for f in _NEUTRAL_VALUES if f not in VLLM_NEUTRAL_VALUES))
     @classmethod
     def _not_implemented(cls, value: Any, info: ValidationInfo) -> Any:
-        name = str(info.field_name)
-        if value is None or value in _NEUTRAL_VALUES[name]:
-            return value
-        hints = {"functions": "Use tools.", "function_call": "Use tool_choice."}
-        raise _unsupported(name, hints.get(name, ""))
+        return neutral_only(value, str(info.field_name))
 
     @field_validator("user")
     @classmethod
@@ -464,7 +682,7 @@ class ChatCompletionRequest(_Strict):
         """Top-level fields that were sent but change nothing: unknown ones and the known
         IGNORED_FIELDS (for the log and the x-glmserve-ignored-params header)."""
         known = [f for f in IGNORED_FIELDS if getattr(self, f) is not None]
-        return sorted({*known, *(self.model_extra or {})})
+        return sorted({*known, *self.vllm_ignored(), *(self.model_extra or {})})
 
     @property
     def structured(self) -> bool:

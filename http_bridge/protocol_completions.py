@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 from http_bridge.protocol import (
     INT64_MAX,
     INT64_MIN,
+    MAX_GUIDED_CHOICES,
     MAX_N,
     MAX_NAME_CHARS,
     MAX_STOP,
@@ -32,8 +33,9 @@ from http_bridge.protocol import (
     STOP_SCHEMA,
     UINT32_MAX,
     StreamOptions,
+    StructuredOutputsIn,
     Usage,
-    _Strict,
+    VLLMParams,
     _unsupported,
 )
 
@@ -41,7 +43,7 @@ MAX_PROMPTS = 64  # prompts in one request (each runs n choices)
 MAX_PROMPT_TOKENS = 1 << 20
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(VLLMParams):
     """CreateCompletionRequest, as far as glmserve implements it (plus vLLM extensions)."""
 
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
@@ -73,6 +75,26 @@ class CompletionRequest(_Strict):
     min_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX)
     ignore_eos: bool | None = None
     repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2)
+    # vLLM's constraints and fields, as in chat (protocol.py's VLLMParams has their rules).
+    guided_json: dict[str, Any] | Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
+    guided_regex: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    guided_choice: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_GUIDED_CHOICES
+    )
+    guided_grammar: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)  # Lark
+    structured_outputs: StructuredOutputsIn | None = None
+    guided_decoding_backend: Any = None
+    length_penalty: Any = None
+    guided_whitespace_pattern: Any = None
+    use_beam_search: bool | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP)
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_STOP)
+    allowed_token_ids: list[int] | None = Field(default=None, max_length=MAX_GUIDED_CHOICES)
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -117,13 +139,6 @@ class CompletionRequest(_Strict):
             return None
         raise _unsupported("logit_bias")
 
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value != (info.data.get("n") or 1):
-            raise _unsupported("best_of", "Only best_of equal to n (or 1) is supported.")
-        return value
-
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop(cls, value: Any) -> Any:
@@ -156,7 +171,7 @@ class CompletionRequest(_Strict):
 
     def ignored_params(self) -> list[str]:
         known = [f for f in ("user",) if getattr(self, f) is not None]
-        return sorted({*known, *(self.model_extra or {})})
+        return sorted({*known, *self.vllm_ignored(), *(self.model_extra or {})})
 
     # What routes/chat.py's sampling_requests reads.
     @property

@@ -127,6 +127,21 @@ BAD_REQUESTS: list[tuple[str, dict, str | None]] = [
      *MSG]}, "messages[0].tool_calls[0].index"),
     ("reasoning_content not text", {"messages": [{"role": "assistant", "content": "x",
      "reasoning_content": 5}, *MSG]}, "messages[0].reasoning_content"),
+    # vLLM's fields: constraints are checked here, before any backend.
+    ("guided_choice empty", {"guided_choice": []}, "guided_choice"),
+    ("guided_choice not strings", {"guided_choice": ["a", 1]}, "guided_choice[1]"),
+    ("guided_json a number", {"guided_json": 5}, "guided_json"),
+    ("two constraints", {"guided_regex": "a", "guided_grammar": "start: \"a\""},
+     "guided_grammar"),
+    ("guided with json_schema", {"response_format": {"type": "json_schema", "json_schema":
+     {"name": "x"}}, "guided_json": {}}, "guided_json"),
+    ("structured_outputs empty", {"structured_outputs": {}}, "structured_outputs"),
+    ("structured_outputs unknown kind", {"structured_outputs": {"yaml": "x"}},
+     "structured_outputs.yaml"),
+    ("structured_outputs additional properties", {"structured_outputs": {"json": {},
+     "disable_additional_properties": True}}, "structured_outputs.disable_additional_properties"),
+    ("skip_special_tokens number", {"skip_special_tokens": 0}, "skip_special_tokens"),
+    ("chat best_of", {"n": 2, "best_of": 3}, "best_of"),
 ]  # fmt: skip
 
 
@@ -165,6 +180,13 @@ def test_neutral_values_of_unimplemented_fields_pass_validation(client: TestClie
         "num_ctx": 4096,
         "stream": True,
         "stream_options": {"include_usage": True, "include_obfuscation": False},
+        # vLLM's defaults.
+        "skip_special_tokens": True,
+        "add_generation_prompt": True,
+        "include_stop_str_in_output": False,
+        "stop_token_ids": [],
+        "best_of": 1,
+        "chat_template_kwargs": {},
     }
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 503, r.text

@@ -333,8 +333,10 @@ def test_error_envelopes(http: httpx.Client, model_id: str) -> None:
     assert_error(
         http.post(CHAT, content=b"{not json", headers={"content-type": "application/json"}), 400
     )
-    # Checked by the model server (prompt + max_tokens beyond the context), mapped to a 400.
-    assert_error(http.post(CHAT, json={**ok, "max_tokens": 100_000}), 400, "invalid_value")
+    # Checked by the model server (prompt + max_tokens beyond the context), mapped to OpenAI's.
+    assert_error(
+        http.post(CHAT, json={**ok, "max_tokens": 100_000}), 400, "context_length_exceeded"
+    )
     assert_error(http.post(CHAT, json={**ok, "model": "gpt-4o"}), 404, "model_not_found")
     assert_error(http.post(CHAT, json={**ok, "stream": True, "model": "gpt-4o"}), 404)
     assert_error(http.get("/v1/models/no-such-model"), 404, "model_not_found")

@@ -54,6 +54,7 @@ from http_bridge.protocol import (
     ErrorResponse,
     FunctionCall,
     FunctionDelta,
+    Guided,
     ResponseMessage,
     TokenLogprob,
     ToolCall,
@@ -177,14 +178,45 @@ def grpc_requests(body: ChatCompletionRequest, completion_id: str) -> list[chat_
     return sampling_requests(body, template, completion_id)
 
 
+# The characters that mean something outside a class in the grammar engine's regex dialect
+# (Rust's regex-syntax, in llguidance); ``# & - ~`` do only inside classes or verbose mode.
+_REGEX_META = frozenset("\\.+*?()|[]{}^$")
+
+
+def regex_literal(text: str) -> str:
+    """A regex matching exactly ``text`` in the grammar engine's dialect (Python's re.escape
+    also escapes spaces and newlines, which that dialect may refuse)."""
+    return "".join("\\" + c if c in _REGEX_META else c for c in text)
+
+
+def set_guided(guided: Guided | None, req: chat_pb2.ChatRequest) -> None:
+    """A vLLM constraint (guided_*, structured_outputs) → the proto's structured_output; a
+    guided_choice is the regex alternation of its choices, matched exactly."""
+    if guided is None:
+        return
+    out, value = req.structured_output, guided.value
+    if guided.kind == "json":
+        out.json_schema = value if isinstance(value, str) else json.dumps(value)
+    elif guided.kind == "json_object":
+        out.json_object = True
+    elif guided.kind == "regex":
+        out.regex = value
+    elif guided.kind == "choice":
+        out.regex = "|".join(regex_literal(choice) for choice in value)
+    else:  # grammar: Lark, the dialect vLLM's guidance backend reads too
+        out.lark_grammar = value
+
+
 def _features(body: ChatCompletionRequest, req: chat_pb2.ChatRequest) -> None:
-    """response_format and tools → the proto's structured_output, tools, tool_choice."""
+    """response_format (or a vLLM constraint) and tools → the proto's structured_output, tools,
+    tool_choice."""
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":
         req.structured_output.json_object = True
     elif fmt is not None and fmt.type == "json_schema":
         schema = fmt.json_schema.schema_
         req.structured_output.json_schema = json.dumps({} if schema is None else schema)
+    set_guided(body.guided, req)
     for tool in body.tools or ():
         f = tool.function
         req.tools.append(
@@ -304,6 +336,10 @@ class ChoiceCalls:
     first_text_at: float | None = None
     request_id: str = ""  # names the failure in the client's message and in the log
     target: str = ""  # the backend target, for the log only
+    prompt_param: str = "messages"  # the field a context overflow names (completions: prompt)
+    # The field that set structured_output (response_format, guided_json...), which the model
+    # server's errors about it name.
+    structured_param: str = "response_format"
 
     def cancel(self) -> None:
         for call in self.calls:
@@ -345,12 +381,18 @@ class ChoiceCalls:
         if isinstance(err, grpc.aio.AioRpcError):
             self.metrics.backend_rpc_errors.labels(err.code().name).inc()
             api_error = from_grpc(
-                err, generation_started=self.started, request_id=self.request_id, target=self.target
+                err,
+                generation_started=self.started,
+                request_id=self.request_id,
+                target=self.target,
+                prompt_param=self.prompt_param,
             )
             if self.used_max_completion_tokens and api_error.param == "max_tokens":
                 api_error.param = "max_completion_tokens"
             if api_error.param is None and code_is_invalid(err):
                 api_error.param = feature_param(err.details() or "")
+            if api_error.param == "response_format":
+                api_error.param = self.structured_param
             return api_error
         log.exception("unexpected error in chat request %s", self.request_id, exc_info=err)
         return internal_error(self.request_id)
@@ -508,6 +550,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         lease=lease_of(request.scope),
         request_id=request_id,
         target=backend.target,
+        structured_param=body.guided.param if body.guided else "response_format",
     )
     headers = {"x-request-id": request_id, **ignored_header(body.ignored_params(), request_id)}
     firsts, results = await calls.start(request, headers)

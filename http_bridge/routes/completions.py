@@ -41,6 +41,7 @@ from http_bridge.routes.chat import (
     ignored_header,
     json_logprob,
     sampling_requests,
+    set_guided,
 )
 
 router = APIRouter(tags=["completions"], route_class=JSONBodyRoute)
@@ -63,6 +64,7 @@ def grpc_requests(body: CompletionRequest, completion_id: str) -> list[chat_pb2.
         else:
             template.prompt_token_ids.extend(prompt)
             template.echo = bool(body.echo)  # the server decodes the ids for the echo
+        set_guided(body.guided, template)
         if body.scores_prompt:
             template.prompt_logprobs = body.logprobs or 0
         requests += sampling_requests(body, template, f"{completion_id}-{p}")
@@ -137,6 +139,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         choices_per_prompt=body.choices,
         request_id=request_id,
         target=backend.target,
+        prompt_param="prompt",
+        structured_param=body.guided.param if body.guided else "response_format",
     )
     headers = {"x-request-id": request_id, **ignored_header(body.ignored_params(), request_id)}
     firsts, results = await calls.start(request, headers)
