@@ -168,9 +168,10 @@ def context_overflow(details: str, prompt_param: str = "messages") -> APIError |
     shape (code ``context_length_exceeded``, OpenAI's wording, which vLLM copies and LangChain,
     LiteLLM and agents look for); None for any other message.
 
-    ``param`` is the prompt's field (``messages``, ``prompt`` on completions) even when
-    max_tokens is what went past the context, as OpenAI names it. Only numbers the server gave
-    are used: without them its own text follows OpenAI's first sentence."""
+    ``param`` is the field that went past the context: ``max_tokens`` when the prompt fits on
+    its own (the chat route renames it ``max_completion_tokens`` when that is what the client
+    sent), else the prompt's (``messages``; ``prompt`` on completions). Only numbers the server
+    gave are used: without them its own text follows OpenAI's first sentence."""
     if not _OVERFLOW.search(details):
         return None
     what = "messages" if prompt_param == "messages" else "prompt"
@@ -194,7 +195,8 @@ def context_overflow(details: str, prompt_param: str = "messages") -> APIError |
         message = f"This model's maximum context length is {context} tokens. {details}"
     if "KV-cache pool" in details and context is not None:
         message += f" (The model server's KV-cache pool holds {context} tokens for one request.)"
-    return APIError(400, message, param=prompt_param, code="context_length_exceeded")
+    param = "max_tokens" if completion is not None else prompt_param
+    return APIError(400, message, param=param, code="context_length_exceeded")
 
 
 def request_id_for(headers: Mapping[str, str], fallback: str = "") -> str:

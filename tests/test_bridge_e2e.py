@@ -213,10 +213,10 @@ def test_errors_through_the_sdk(client: openai.OpenAI, model_id: str) -> None:
         client.chat.completions.create(model=model_id, messages=HI, logit_bias={"1": 5})
     assert err.value.param == "logit_bias"
     # Checked by the model server (it knows the context length), mapped to OpenAI's 400, which
-    # names messages whichever part went past the context.
+    # names the field the client sent.
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model_id, messages=HI, max_completion_tokens=100_000)
-    assert (err.value.code, err.value.param) == ("context_length_exceeded", "messages")
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "max_completion_tokens")
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2)
     assert err.value.code == "model_not_found"

@@ -213,12 +213,12 @@ def test_prompt_past_the_context(client: openai.OpenAI, model: str) -> None:
 
 def test_max_tokens_past_the_context(client: openai.OpenAI, model: str) -> None:
     """OpenAI's full wording, with the model server's real numbers (the prompt's tokens are
-    the usage of the same conversation); param is messages, as OpenAI names it."""
+    the usage of the same conversation); param names the field the client sent."""
     prompt = client.chat.completions.create(model=model, messages=HI, max_tokens=1)
     p = prompt.usage.prompt_tokens
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=HI, max_completion_tokens=600)
-    assert (err.value.code, err.value.param) == ("context_length_exceeded", "messages")
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "max_completion_tokens")
     assert message(err) == (
         f"{OPENAI_PREFIX}you requested {p + 600} tokens ({p} in the messages, 600 in the "
         "completion). Please reduce the length of the messages or completion."
@@ -232,5 +232,5 @@ def test_completions_prompt_past_the_context(client: openai.OpenAI, model: str) 
     assert message(err).startswith(OPENAI_PREFIX + "your prompt resulted in ")
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=510)
-    assert (err.value.code, err.value.param) == ("context_length_exceeded", "prompt")
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "max_tokens")
     assert message(err).startswith(OPENAI_PREFIX + "you requested 513 tokens (3 in the prompt")
